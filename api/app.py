@@ -1,0 +1,55 @@
+"""The FastAPI application: routers, the error envelope, and an early upload-size check."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import error_response, install_error_handlers
+from api.routes import files, fine_tuning, health, models
+from models.config import get_settings
+from models.errors import PayloadTooLarge
+from models.storage import get_storage
+
+# Room for the multipart boundaries and the form's other fields.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class UploadLimit:
+    """Refuse an upload whose declared length is over the limit before its body is read.
+
+    Bodies without a Content-Length are still counted byte by byte as they are stored.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files":
+            limit = get_settings().max_upload_bytes
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
+                response = error_response(
+                    PayloadTooLarge(f"File exceeds the upload limit of {limit} bytes.", param="file"),
+                    headers={"connection": "close"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app() -> FastAPI:
+    logging.basicConfig(level=logging.INFO)
+    get_storage().ensure()
+    app = FastAPI(
+        title="Grove",
+        version="0.1.0",
+        description="Self-hosted fine-tuning service with an OpenAI-compatible API.",
+    )
+    install_error_handlers(app)
+    for module in (health, files, fine_tuning, models):
+        app.include_router(module.router)
+    app.add_middleware(UploadLimit)
+    return app

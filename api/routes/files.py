@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi import File as FileParam
+from fastapi.responses import FileResponse, Response
+
+from api.deps import ProjectDep, SessionDep
+from api.schemas.common import ListObject
+from api.schemas.files import FileDeleted, FileObject
+from api.services import files as file_service
+from models.storage import CHUNK
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+@router.post("", response_model=FileObject)
+def upload_file(
+    session: SessionDep,
+    project: ProjectDep,
+    file: Annotated[UploadFile, FileParam(description="JSONL dataset.")],
+    purpose: Annotated[str, Form()],
+) -> FileObject:
+    def chunks():
+        while chunk := file.file.read(CHUNK):
+            yield chunk
+
+    row = file_service.upload(session, project, file.filename, purpose, chunks())
+    return FileObject.from_row(row)
+
+
+@router.get("", response_model=ListObject[FileObject])
+def list_files(
+    session: SessionDep,
+    project: ProjectDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+    purpose: str | None = None,
+) -> ListObject[FileObject]:
+    rows, has_more = file_service.list_files(session, project, after, limit, purpose)
+    return ListObject.of([FileObject.from_row(r) for r in rows], has_more)
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def get_file(session: SessionDep, project: ProjectDep, file_id: str) -> FileObject:
+    return FileObject.from_row(file_service.get(session, project, file_id))
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(session: SessionDep, project: ProjectDep, file_id: str) -> FileDeleted:
+    file_service.delete(session, project, file_id)
+    return FileDeleted(id=file_id)
+
+
+@router.get("/{file_id}/content", response_class=FileResponse)
+def download_file(request: Request, session: SessionDep, project: ProjectDep, file_id: str) -> Response:
+    file = file_service.get(session, project, file_id)
+    etag = f'"{file.sha256}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"etag": etag})
+    media_type = "application/jsonl" if file.filename.endswith(".jsonl") else None
+    # FileResponse streams from disk in chunks and answers Range / If-Range against this ETag.
+    return FileResponse(
+        file_service.content_path(file),
+        media_type=media_type,
+        filename=file.filename,
+        headers={"etag": etag, "x-content-sha256": file.sha256},
+    )

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import ProjectDep, SessionDep
+from api.schemas.common import ListObject
+from api.schemas.fine_tuning import (
+    CheckpointObject,
+    CreateFineTuningJob,
+    FineTuningJobEventObject,
+    FineTuningJobObject,
+)
+from api.services import fine_tuning as jobs
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+@router.post("", response_model=FineTuningJobObject)
+def create_job(session: SessionDep, project: ProjectDep, body: CreateFineTuningJob) -> FineTuningJobObject:
+    return FineTuningJobObject.from_row(jobs.create(session, project, body))
+
+
+@router.get("", response_model=ListObject[FineTuningJobObject])
+def list_jobs(session: SessionDep, project: ProjectDep, after: str | None = None,
+              limit: Limit = 20) -> ListObject[FineTuningJobObject]:
+    rows, has_more = jobs.list_jobs(session, project, after, limit)
+    return ListObject.of([FineTuningJobObject.from_row(r) for r in rows], has_more)
+
+
+@router.get("/{job_id}", response_model=FineTuningJobObject)
+def get_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTuningJobObject:
+    return FineTuningJobObject.from_row(jobs.get(session, project, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=FineTuningJobObject)
+def cancel_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTuningJobObject:
+    return FineTuningJobObject.from_row(jobs.cancel(session, project, job_id))
+
+
+@router.get("/{job_id}/events", response_model=ListObject[FineTuningJobEventObject])
+def list_events(session: SessionDep, project: ProjectDep, job_id: str, after: str | None = None,
+                limit: Limit = 20) -> ListObject[FineTuningJobEventObject]:
+    rows, has_more = jobs.list_events(session, project, job_id, after, limit)
+    return ListObject.of([FineTuningJobEventObject.from_row(r) for r in rows], has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListObject[CheckpointObject])
+def list_checkpoints(session: SessionDep, project: ProjectDep, job_id: str, after: str | None = None,
+                     limit: Limit = 10) -> ListObject[CheckpointObject]:
+    job, rows, has_more = jobs.list_checkpoints(session, project, job_id, after, limit)
+    return ListObject.of([CheckpointObject.from_row(r, job) for r in rows], has_more)

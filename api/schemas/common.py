@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from typing import Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+T = TypeVar("T")
+
+
+class ListObject(BaseModel, Generic[T]):
+    """OpenAI's cursor page: pass the last id as `after` to get the next page."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+    @classmethod
+    def of(cls, items: list[T], has_more: bool) -> ListObject[T]:
+        ids = [getattr(item, "id", None) for item in items]
+        return cls(data=items, has_more=has_more, first_id=ids[0] if ids else None,
+                   last_id=ids[-1] if ids else None)

@@ -1,0 +1,173 @@
+"""OpenAI fine-tuning objects, plus Grove's documented extensions (sent by the SDK via `extra_body`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.base import unix
+from models.job import Checkpoint, Job, JobEvent
+from models.specs import AdapterConfig, Hyperparameters
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"] = Field("supervised", description="Only supervised fine-tuning is offered.")
+    supervised: SupervisedMethod | None = None
+
+
+class CreateFineTuningJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Base model name from GET /v1/models.")
+    training_file: str = Field(description="Id of an uploaded file with purpose fine-tune.")
+    validation_file: str | None = Field(None, description="Id of an uploaded file for validation loss.")
+    hyperparameters: Hyperparameters | None = Field(
+        None, description="Deprecated by OpenAI in favour of method.supervised.hyperparameters; still read."
+    )
+    method: Method | None = None
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    integrations: list[Any] | None = Field(None, max_length=0, description="Not supported; must be empty.")
+
+    # Grove extensions.
+    adapter: AdapterConfig | None = Field(None, description="Adapter type, rank, alpha, dropout, modules.")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Optimizer steps; overrides n_epochs.")
+    learning_rate: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate.")
+    max_seq_len: int | None = Field(None, ge=16, le=32768, description="Tokens per example (default 512).")
+    text_template: str | None = Field(
+        None, max_length=4000, description="Format string rendering files of arbitrary fields."
+    )
+
+    def effective_hyperparameters(self) -> Hyperparameters:
+        if self.method and self.method.supervised:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int | None
+    percent: float | None
+
+
+class FineTuningJobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: dict
+    method: dict
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: str
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None
+    integrations: list = Field(default_factory=list)
+    metadata: dict | None = None
+    user_provided_suffix: str | None = None
+    # Grove extensions.
+    started_at: int | None = None
+    progress: Progress
+    adapter: dict
+    max_steps: int | None = None
+    learning_rate: float | None = None
+    max_seq_len: int
+    text_template: str | None = None
+
+    @classmethod
+    def from_row(cls, job: Job) -> FineTuningJobObject:
+        spec = job.spec
+        total = job.total_steps
+        return cls(
+            id=job.id,
+            created_at=unix(job.created_at),
+            error=JobError(**job.error) if job.error else None,
+            fine_tuned_model=job.fine_tuned_model,
+            finished_at=unix(job.finished_at),
+            hyperparameters=job.hyperparameters,
+            method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
+            model=job.model,
+            organization_id=job.project_id,
+            result_files=list(job.result_files or []),
+            seed=spec["seed"],
+            status=job.status,
+            trained_tokens=job.trained_tokens,
+            training_file=job.training_file_id or "",
+            validation_file=job.validation_file_id,
+            estimated_finish=unix(job.estimated_finish),
+            metadata=job.user_metadata,
+            user_provided_suffix=job.suffix,
+            started_at=unix(job.started_at),
+            progress=Progress(
+                step=job.step,
+                total_steps=total,
+                percent=round(100.0 * job.step / total, 1) if total else None,
+            ),
+            adapter=spec["adapter"],
+            max_steps=spec.get("max_steps"),
+            learning_rate=spec.get("learning_rate"),
+            max_seq_len=spec["max_seq_len"],
+            text_template=spec.get("text_template"),
+        )
+
+
+class FineTuningJobEventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    data: dict | None
+    type: Literal["message", "metrics"] = Field(description="OpenAI's coarse type.")
+    event_type: str = Field(
+        description="Grove extension: created, queued, started, metrics, checkpoint, cancelling, "
+        "succeeded, failed, cancelled, requeued, warning or info."
+    )
+
+    @classmethod
+    def from_row(cls, event: JobEvent) -> FineTuningJobEventObject:
+        return cls(
+            id=event.public_id, created_at=unix(event.created_at), level=event.level, message=event.message,
+            data=event.data or {}, type="metrics" if event.type == "metrics" else "message",
+            event_type=event.type,
+        )
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict
+    step_number: int
+    file_id: str | None = Field(None, description="Grove extension: the checkpoint's adapter archive.")
+
+    @classmethod
+    def from_row(cls, checkpoint: Checkpoint, job: Job) -> CheckpointObject:
+        return cls(
+            id=checkpoint.id, created_at=unix(checkpoint.created_at),
+            fine_tuned_model_checkpoint=f"{job.model}:ckpt-step-{checkpoint.step}:{job.id}",
+            fine_tuning_job_id=job.id, metrics=checkpoint.metrics or {}, step_number=checkpoint.step,
+            file_id=checkpoint.file_id,
+        )

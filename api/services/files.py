@@ -1,0 +1,105 @@
+"""Files: datasets uploaded by users and results published by workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.services.pagination import page
+from models.config import get_settings
+from models.datasets import DatasetSummary, validate_jsonl
+from models.errors import Conflict, InvalidRequest, NotFound
+from models.file import File
+from models.ids import new_id
+from models.job import Job
+from models.job_status import TERMINAL
+from models.project import Project
+from models.storage import delete_after_commit, get_storage
+
+UPLOAD_PURPOSES = {"fine-tune"}
+
+
+def _clean_filename(name: str | None) -> str:
+    # Keep only the last path component: the name is shown back, never used as a path.
+    base = (name or "upload.jsonl").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return (base or "upload.jsonl")[:255]
+
+
+def upload(session: Session, project: Project, filename: str | None, purpose: str, chunks: Iterable[bytes]) -> File:
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequest(f"purpose must be one of: {', '.join(sorted(UPLOAD_PURPOSES))}.", param="purpose")
+    settings = get_settings()
+    storage = get_storage()
+    staged = storage.stage_chunks(chunks, max_bytes=settings.max_upload_bytes)
+    try:
+        summary: DatasetSummary = validate_jsonl(staged.temp_path, settings.min_examples)
+        file = File(
+            id=new_id("file"), project_id=project.id, filename=_clean_filename(filename), purpose=purpose,
+            bytes=staged.bytes, sha256=staged.sha256, data_format=summary.format,
+            n_examples=summary.n_examples, fields=summary.fields,
+        )
+        file.storage_key = storage.key_for(project.id, file.id)
+        storage.commit(staged, file.storage_key)
+    except BaseException:
+        storage.discard(staged)
+        raise
+    session.add(file)
+    session.flush()
+    return file
+
+
+def publish(session: Session, project_id: str, source: Path, filename: str, purpose: str) -> File:
+    """Copy a finished worker output into the store and register it. Called by workers."""
+    storage = get_storage()
+    staged = storage.stage_file(source)
+    file = File(id=new_id("file"), project_id=project_id, filename=filename, purpose=purpose,
+                bytes=staged.bytes, sha256=staged.sha256)
+    file.storage_key = storage.key_for(project_id, file.id)
+    try:
+        storage.commit(staged, file.storage_key)
+    except BaseException:
+        storage.discard(staged)
+        raise
+    session.add(file)
+    session.flush()
+    return file
+
+
+def get(session: Session, project: Project, file_id: str) -> File:
+    file = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
+    if file is None:
+        raise NotFound("file", file_id, param="file_id")
+    return file
+
+
+def list_files(session: Session, project: Project, after: str | None, limit: int,
+               purpose: str | None) -> tuple[list[File], bool]:
+    stmt = select(File).where(File.project_id == project.id)
+    if purpose:
+        stmt = stmt.where(File.purpose == purpose)
+    return page(session, stmt, File.id, after, limit)
+
+
+def content_path(file: File) -> Path:
+    return get_storage().path_of(file.storage_key)
+
+
+def delete(session: Session, project: Project, file_id: str) -> None:
+    file = get(session, project, file_id)
+    active = session.scalar(
+        select(Job.id).where(
+            Job.project_id == project.id,
+            (Job.training_file_id == file.id) | (Job.validation_file_id == file.id),
+            Job.status.not_in(sorted(TERMINAL)),
+        ).limit(1)
+    )
+    if active is not None:
+        raise Conflict(f"File {file.id} is used by job {active}, which has not finished.", param="file_id")
+    session.delete(file)
+    session.flush()
+    # The row goes first; if the commit fails the content is still there. A crash after the commit
+    # leaves an orphan object, never a listed file without content.
+    delete_after_commit(session, file.storage_key)

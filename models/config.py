@@ -1,0 +1,50 @@
+"""Service configuration, read from the environment (prefix GROVE_) or a .env file.
+
+The defaults are the embedded deployment: SQLite and the SQLite broker under var/. Production sets
+DATABASE_URL=postgresql+psycopg://... and BROKER_URL=redis://... (with or without the GROVE_ prefix).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GROVE_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///var/grove.db",
+        validation_alias=AliasChoices("GROVE_DATABASE_URL", "DATABASE_URL"),
+        description="SQLAlchemy URL of the job database.",
+    )
+    broker_url: str = Field(
+        "sqla+sqlite:///var/broker.sqlite",
+        validation_alias=AliasChoices("GROVE_BROKER_URL", "BROKER_URL"),
+        description="Celery broker URL: redis://... in production, kombu's SQLAlchemy transport embedded.",
+    )
+    storage_dir: Path = Field(Path("var/storage"), description="Uploaded files and published artifacts.")
+    model_store_dir: Path = Field(Path("var/models"), description="Base models, one directory per name.")
+    work_dir: Path = Field(Path("var/work"), description="Worker scratch space (checkpoints, temp output).")
+    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload; larger gets 413.")
+    min_examples: int = Field(10, description="Fewest examples a training or validation file may hold.")
+    max_queued_jobs_per_project: int = Field(100, description="Non-terminal jobs a project may hold at once.")
+    lease_seconds: int = Field(120, description="A running job's lease; the worker renews it while alive.")
+    redispatch_after_seconds: int = Field(
+        600, description="Re-send a queued job's message if no worker claimed it within this time."
+    )
+    reconcile_interval_seconds: float = Field(30.0, description="How often the reconciler runs.")
+    visibility_timeout_seconds: int = Field(
+        7 * 24 * 3600, description="Redis redelivery timeout; above the longest job (the lease guards anyway)."
+    )
+    fine_tune_queue: str = Field("fine_tune", description="Celery queue that fine-tuning workers consume.")
+    trust_remote_code: bool = Field(False, description="Allow models whose code ships with their weights.")
+    torch_threads: int | None = Field(None, description="Threads for CPU training; default: all cores.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

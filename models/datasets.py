@@ -1,0 +1,184 @@
+"""Training data: JSONL validation at upload, and reading examples back in the worker.
+
+Three shapes are accepted, decided by the first example and required of every line after it:
+- chat: {"messages": [{"role": ..., "content": ..., "weight": 0|1}, ...]}
+- prompt/completion: {"prompt": "...", "completion": "..."}
+- fields: any JSON object, rendered to text by the job's `text_template`.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from models.errors import InvalidRequest
+
+DatasetFormat = Literal["chat", "prompt_completion", "fields"]
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    messages: list[dict]
+
+
+@dataclass(frozen=True)
+class PromptCompletionExample:
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """A fields row rendered by a text template; the whole text is trained on."""
+
+    text: str
+
+
+Example = ChatExample | PromptCompletionExample | TextExample
+
+
+@dataclass
+class DatasetSummary:
+    format: DatasetFormat
+    n_examples: int
+    # Keys present on every line: the only names a text template may use.
+    fields: list[str] = field(default_factory=list)
+
+
+class DatasetError(InvalidRequest):
+    def __init__(self, message: str, line: int | None = None, param: str = "file"):
+        self.line = line
+        super().__init__(f"line {line}: {message}" if line else message, param=param, code="invalid_file")
+
+
+def _shape_of(record: dict) -> DatasetFormat:
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record or "completion" in record:
+        return "prompt_completion"
+    return "fields"
+
+
+def _check_chat(record: dict, line: int) -> None:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError("'messages' must be a non-empty list", line)
+    has_assistant = False
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DatasetError(f"messages[{i}] must be an object", line)
+        role = message.get("role")
+        if role is None:
+            raise DatasetError(f"messages[{i}] is missing key 'role'", line)
+        if role not in ROLES:
+            raise DatasetError(f"messages[{i}] has unknown role {role!r}", line)
+        if not isinstance(message.get("content"), str):
+            raise DatasetError(f"messages[{i}] is missing key 'content' (a string)", line)
+        if "weight" in message and message["weight"] not in (0, 1):
+            raise DatasetError(f"messages[{i}].weight must be 0 or 1", line)
+        has_assistant = has_assistant or role == "assistant"
+    if not has_assistant:
+        raise DatasetError("no assistant message", line)
+
+
+def _check_prompt_completion(record: dict, line: int) -> None:
+    for key in ("prompt", "completion"):
+        if key not in record:
+            raise DatasetError(f"missing key {key!r}", line)
+        if not isinstance(record[key], str):
+            raise DatasetError(f"{key!r} must be a string", line)
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise DatasetError(f"not valid JSON ({exc.__class__.__name__}: {exc})", line_no) from None
+            if not isinstance(record, dict):
+                raise DatasetError("each line must be a JSON object", line_no)
+            yield line_no, record
+
+
+def validate_jsonl(path: Path, min_examples: int) -> DatasetSummary:
+    """Check every line; raise DatasetError naming the first bad line."""
+    shape: DatasetFormat | None = None
+    count = 0
+    common_keys: set[str] | None = None
+    for line_no, record in _records(path):
+        this_shape = _shape_of(record)
+        if shape is None:
+            shape = this_shape
+        elif this_shape != shape:
+            raise DatasetError(f"expected a {shape} example like line 1, found a {this_shape} example", line_no)
+        if shape == "chat":
+            _check_chat(record, line_no)
+        elif shape == "prompt_completion":
+            _check_prompt_completion(record, line_no)
+        else:
+            keys = set(record)
+            common_keys = keys if common_keys is None else common_keys & keys
+        count += 1
+    if shape is None:
+        raise DatasetError("file contains no examples")
+    if count < min_examples:
+        raise DatasetError(f"file has {count} examples; at least {min_examples} are required")
+    return DatasetSummary(format=shape, n_examples=count, fields=sorted(common_keys or []))
+
+
+def template_fields(template: str) -> list[str]:
+    """Names a template uses. Only plain names: attribute or index access would reach into objects."""
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InvalidRequest(f"text_template is not a valid format string: {exc}", param="text_template") from None
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise InvalidRequest(
+                f"text_template field {{{name}}} must be a plain field name", param="text_template"
+            )
+        names.append(name)
+    if not names:
+        raise InvalidRequest("text_template names no field", param="text_template")
+    return names
+
+
+def check_template_against(template: str, summary: DatasetSummary, param_file: str) -> None:
+    missing = [name for name in template_fields(template) if name not in summary.fields]
+    if missing:
+        raise InvalidRequest(
+            f"text_template uses field {missing[0]!r}, which the {param_file} lacks on at least one line "
+            f"(fields on every line: {', '.join(summary.fields) or 'none'})",
+            param="text_template",
+        )
+
+
+def read_examples(path: Path, text_template: str | None) -> list[Example]:
+    """Load a validated file as examples. The worker calls this; the file was checked at upload."""
+    examples: list[Example] = []
+    for line_no, record in _records(path):
+        shape = _shape_of(record)
+        if shape == "chat":
+            examples.append(ChatExample(messages=record["messages"]))
+        elif shape == "prompt_completion":
+            examples.append(PromptCompletionExample(prompt=record["prompt"], completion=record["completion"]))
+        else:
+            if text_template is None:
+                raise DatasetError("this file has arbitrary fields; the job needs a text_template", line_no)
+            try:
+                text = text_template.format_map({k: v for k, v in record.items()})
+            except KeyError as exc:
+                raise DatasetError(f"text_template field {exc} missing", line_no) from None
+            examples.append(TextExample(text=text))
+    return examples

@@ -1,0 +1,89 @@
+"""The Celery app (configuration only) and dispatch after commit.
+
+The API imports this to send messages by task name without importing torch; the worker registers the
+tasks on the same app (worker/tasks.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery import Celery
+from sqlalchemy import event, update
+from sqlalchemy.orm import Session
+
+from models.base import utcnow
+from models.config import get_settings
+from models.job import Job
+from models.job_status import JobStatus
+
+log = logging.getLogger(__name__)
+
+TASK_FOR_KIND = {"fine_tune": "grove.fine_tune"}
+RECONCILE_TASK = "grove.reconcile"
+
+
+@lru_cache
+def get_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("grove", broker=settings.broker_url)
+    app.conf.update(
+        # A message is acknowledged only after its task returns, and given back if the worker dies;
+        # the job lease (not the broker) is what stops a second delivery from running the job twice.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        task_default_queue=settings.fine_tune_queue,
+        task_routes={
+            TASK_FOR_KIND["fine_tune"]: {"queue": settings.fine_tune_queue},
+            RECONCILE_TASK: {"queue": settings.fine_tune_queue},
+        },
+        beat_schedule={
+            "reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval_seconds},
+        },
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def publish_job(job_id: str, kind: str) -> None:
+    """Send the job's message and record when it went out. Safe to repeat: the claim is conditional."""
+    from models.db import session_scope
+
+    get_celery().send_task(TASK_FOR_KIND[kind], args=[job_id])
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued)
+            .values(dispatched_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+
+def dispatch_after_commit(session: Session, job_id: str, kind: str) -> None:
+    """Publish once the session's transaction commits; nothing is sent if it rolls back.
+
+    A publish that fails (broker down) is only logged: the job row is already durable and queued
+    with no `dispatched_at`, so the reconciler sends it later.
+    """
+    pending: list = session.info.setdefault("dispatch_after_commit", [])
+    pending.append((job_id, kind))
+
+
+@event.listens_for(Session, "after_commit")
+def _publish_pending(session: Session) -> None:
+    pending = session.info.pop("dispatch_after_commit", [])
+    for job_id, kind in pending:
+        try:
+            publish_job(job_id, kind)
+        except Exception:
+            log.exception("could not publish job %s; the reconciler will re-send it", job_id)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_pending(session: Session) -> None:
+    session.info.pop("dispatch_after_commit", None)

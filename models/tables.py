@@ -1,0 +1,8 @@
+"""Imports every table so that Base.metadata is complete (alembic env and tests import this)."""
+
+from models.base import Base
+from models.file import File
+from models.job import Checkpoint, Job, JobEvent
+from models.project import ApiKey, Project
+
+__all__ = ["ApiKey", "Base", "Checkpoint", "File", "Job", "JobEvent", "Project"]

