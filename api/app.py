@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -12,6 +14,7 @@ from api.routes import files, fine_tuning, health, models
 from models.config import get_settings
 from models.errors import PayloadTooLarge
 from models.storage import get_storage
+from worker.reconcile import ReconcilerThread
 
 # Room for the multipart boundaries and the form's other fields.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -40,10 +43,21 @@ class UploadLimit:
         await self.app(scope, receive, send)
 
 
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    reconciler = ReconcilerThread() if get_settings().run_reconciler else None
+    if reconciler:
+        reconciler.start()
+    yield
+    if reconciler:
+        reconciler.stop()
+
+
 def create_app() -> FastAPI:
     logging.basicConfig(level=logging.INFO)
     get_storage().ensure()
     app = FastAPI(
+        lifespan=lifespan,
         title="Grove",
         version="0.1.0",
         description="Self-hosted fine-tuning service with an OpenAI-compatible API.",

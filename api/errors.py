@@ -51,13 +51,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
-        return error_response(ServiceUnavailable("The database is unavailable; retry shortly."),
-                              headers={"Retry-After": "5"})
+        return error_response(
+            ServiceUnavailable("The database is unavailable; retry shortly."), headers={"Retry-After": "5"}
+        )
 
     @app.exception_handler(DBAPIError)
     async def _database_error(_: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:
-            return error_response(ServiceUnavailable("The database connection was lost; retry shortly."),
-                                  headers={"Retry-After": "5"})
+            return error_response(
+                ServiceUnavailable("The database connection was lost; retry shortly."),
+                headers={"Retry-After": "5"},
+            )
         log.exception("database error")
         return error_response(GroveError("Internal server error."))

@@ -37,8 +37,10 @@ class Settings(BaseSettings):
         600, description="Re-send a queued job's message if no worker claimed it within this time."
     )
     reconcile_interval_seconds: float = Field(30.0, description="How often the reconciler runs.")
+    run_reconciler: bool = Field(True, description="Run the reconciler inside each API process.")
     visibility_timeout_seconds: int = Field(
-        7 * 24 * 3600, description="Redis redelivery timeout; above the longest job (the lease guards anyway)."
+        7 * 24 * 3600,
+        description="Redis redelivery timeout; above the longest job (the lease guards anyway).",
     )
     fine_tune_queue: str = Field("fine_tune", description="Celery queue that fine-tuning workers consume.")
     trust_remote_code: bool = Field(False, description="Allow models whose code ships with their weights.")

@@ -145,9 +145,7 @@ def template_fields(template: str) -> list[str]:
         if name is None:
             continue
         if not name.isidentifier():
-            raise InvalidRequest(
-                f"text_template field {{{name}}} must be a plain field name", param="text_template"
-            )
+            raise InvalidRequest(f"text_template field {{{name}}} must be a plain field name", param="text_template")
         names.append(name)
     if not names:
         raise InvalidRequest("text_template names no field", param="text_template")

@@ -24,9 +24,7 @@ TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.validating_files: frozenset({JobStatus.queued, JobStatus.failed, JobStatus.cancelled}),
     JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled, JobStatus.failed}),
-    JobStatus.running: frozenset(
-        {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelling, JobStatus.queued}
-    ),
+    JobStatus.running: frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelling, JobStatus.queued}),
     JobStatus.cancelling: frozenset({JobStatus.cancelled, JobStatus.failed}),
     JobStatus.succeeded: frozenset(),
     JobStatus.failed: frozenset(),

@@ -56,11 +56,15 @@ def list_models(store: Path | None = None) -> list[BaseModelInfo]:
 def resolve_model(name: str, store: Path | None = None, param: str = "model") -> BaseModelInfo:
     store = store or get_settings().model_store_dir
     if not MODEL_NAME.match(name):
-        raise InvalidRequest(f"Model {name!r} is not a model name in the model store.", param=param,
-                             code="model_not_found")
+        raise InvalidRequest(
+            f"Model {name!r} is not a model name in the model store.", param=param, code="model_not_found"
+        )
     info = _load(store / name)
     if info is None:
         available = ", ".join(m.name for m in list_models(store)) or "none"
-        raise InvalidRequest(f"Model {name!r} does not exist. Available models: {available}.", param=param,
-                             code="model_not_found")
+        raise InvalidRequest(
+            f"Model {name!r} does not exist. Available models: {available}.",
+            param=param,
+            code="model_not_found",
+        )
     return info

@@ -60,9 +60,7 @@ class Storage:
                 for chunk in chunks:
                     size += len(chunk)
                     if max_bytes is not None and size > max_bytes:
-                        raise PayloadTooLarge(
-                            f"File exceeds the upload limit of {max_bytes} bytes.", param="file"
-                        )
+                        raise PayloadTooLarge(f"File exceeds the upload limit of {max_bytes} bytes.", param="file")
                     digest.update(chunk)
                     out.write(chunk)
                 out.flush()
@@ -117,12 +115,18 @@ def delete_after_commit(session, key: str) -> None:
     session.info.setdefault("delete_after_commit", []).append(key)
 
 
+def delete_on_rollback(session, key: str) -> None:
+    """Remove a freshly stored object if the transaction that registers it does not commit."""
+    session.info.setdefault("delete_on_rollback", []).append(key)
+
+
 def _register_session_hooks() -> None:
     from sqlalchemy import event
     from sqlalchemy.orm import Session
 
     @event.listens_for(Session, "after_commit")
     def _delete_pending(session) -> None:
+        session.info.pop("delete_on_rollback", None)
         keys = session.info.pop("delete_after_commit", [])
         storage = get_storage()
         for key in keys:
@@ -131,6 +135,9 @@ def _register_session_hooks() -> None:
     @event.listens_for(Session, "after_rollback")
     def _keep_pending(session) -> None:
         session.info.pop("delete_after_commit", None)
+        storage = get_storage()
+        for key in session.info.pop("delete_on_rollback", []):
+            storage.delete(key)
 
 
 _register_session_hooks()

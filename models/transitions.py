@@ -132,4 +132,3 @@ def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int) -
     if result.rowcount != 1:
         return None
     return JobStatus(session.query(Job.status).filter(Job.id == job_id).scalar())
-

@@ -94,16 +94,11 @@ def _save_tokenizer(tokenizer, directory: Path) -> None:
 
 
 def _count_parameters(model) -> int:
-    seen: set[int] = set()
-    total = 0
-    for parameter in model.parameters():  # parameters() already yields tied weights once
-        if id(parameter) not in seen:
-            seen.add(id(parameter))
-            total += parameter.numel()
-    return total
+    return sum(parameter.numel() for parameter in model.parameters())  # tied weights are yielded once
 
 
 def _build_smollm2(directory: Path):
+    import numpy
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -114,43 +109,23 @@ def _build_smollm2(directory: Path):
         str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False, dtype=torch.float32
     )
     config_dict = source.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures"):
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
         config_dict.pop(key, None)
+    # GGUF stores float32 metadata: 1e-5 comes back as 9.999999747378752e-06. Use the shortest float32 repr.
+    config_dict["rms_norm_eps"] = float(str(numpy.float32(config_dict["rms_norm_eps"])))
     model_type = config_dict.pop("model_type")
+    config_dict["architectures"] = [type(source).__name__]
     config = AutoConfig.for_model(model_type, **config_dict)
-    config.architectures = [type(source).__name__]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch.float32)
-    state = {k: v.detach().to(torch.float32).contiguous() for k, v in source.state_dict().items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"GGUF state dict mismatch: missing={missing} unexpected={unexpected}")
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch.float32)
+    model.load_state_dict(source.state_dict(), strict=True)
     model.tie_weights()
-    del source, state
-    # Buffers (rotary inv_freq) were created on the meta device: recompute them on the CPU.
-    model = _materialize_buffers(model, config)
+    del source
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
     model.eval()
     model.save_pretrained(str(directory), safe_serialization=True)
     _save_tokenizer(_load_gguf_tokenizer(config.max_position_embeddings), directory)
-    return model
-
-
-def _materialize_buffers(model, config):
-    import torch
-
-    for module in model.modules():
-        if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
-            inv_freq, scaling = module.rope_init_fn(module.config, torch.device("cpu"))
-            module.register_buffer("inv_freq", inv_freq, persistent=False)
-            module.original_inv_freq = inv_freq.clone()
-            module.attention_scaling = scaling
-    leftovers = [n for n, b in list(model.named_parameters()) + list(model.named_buffers()) if b.is_meta]
-    if leftovers:
-        raise RuntimeError(f"tensors left on the meta device: {leftovers[:5]}")
     return model
 
 
@@ -270,7 +245,9 @@ def ensure_model(store: Path, name: str) -> Path:
             }
             del model
             (tmp / READY_FILE).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the model ready
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700, and safetensors writes 0600 files
+            for path in tmp.iterdir():
+                os.chmod(path, 0o644)
             os.rename(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

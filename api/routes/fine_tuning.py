@@ -24,8 +24,9 @@ def create_job(session: SessionDep, project: ProjectDep, body: CreateFineTuningJ
 
 
 @router.get("", response_model=ListObject[FineTuningJobObject])
-def list_jobs(session: SessionDep, project: ProjectDep, after: str | None = None,
-              limit: Limit = 20) -> ListObject[FineTuningJobObject]:
+def list_jobs(
+    session: SessionDep, project: ProjectDep, after: str | None = None, limit: Limit = 20
+) -> ListObject[FineTuningJobObject]:
     rows, has_more = jobs.list_jobs(session, project, after, limit)
     return ListObject.of([FineTuningJobObject.from_row(r) for r in rows], has_more)
 
@@ -41,14 +42,16 @@ def cancel_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTun
 
 
 @router.get("/{job_id}/events", response_model=ListObject[FineTuningJobEventObject])
-def list_events(session: SessionDep, project: ProjectDep, job_id: str, after: str | None = None,
-                limit: Limit = 20) -> ListObject[FineTuningJobEventObject]:
+def list_events(
+    session: SessionDep, project: ProjectDep, job_id: str, after: str | None = None, limit: Limit = 20
+) -> ListObject[FineTuningJobEventObject]:
     rows, has_more = jobs.list_events(session, project, job_id, after, limit)
     return ListObject.of([FineTuningJobEventObject.from_row(r) for r in rows], has_more)
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListObject[CheckpointObject])
-def list_checkpoints(session: SessionDep, project: ProjectDep, job_id: str, after: str | None = None,
-                     limit: Limit = 10) -> ListObject[CheckpointObject]:
+def list_checkpoints(
+    session: SessionDep, project: ProjectDep, job_id: str, after: str | None = None, limit: Limit = 10
+) -> ListObject[CheckpointObject]:
     job, rows, has_more = jobs.list_checkpoints(session, project, job_id, after, limit)
     return ListObject.of([CheckpointObject.from_row(r, job) for r in rows], has_more)

@@ -19,5 +19,4 @@ class ListObject(BaseModel, Generic[T]):
     @classmethod
     def of(cls, items: list[T], has_more: bool) -> ListObject[T]:
         ids = [getattr(item, "id", None) for item in items]
-        return cls(data=items, has_more=has_more, first_id=ids[0] if ids else None,
-                   last_id=ids[-1] if ids else None)
+        return cls(data=items, has_more=has_more, first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None)

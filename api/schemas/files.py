@@ -26,8 +26,14 @@ class FileObject(BaseModel):
     @classmethod
     def from_row(cls, file: File) -> FileObject:
         return cls(
-            id=file.id, bytes=file.bytes, created_at=unix(file.created_at), filename=file.filename,
-            purpose=file.purpose, sha256=file.sha256, format=file.data_format, n_examples=file.n_examples,
+            id=file.id,
+            bytes=file.bytes,
+            created_at=unix(file.created_at),
+            filename=file.filename,
+            purpose=file.purpose,
+            sha256=file.sha256,
+            format=file.data_format,
+            n_examples=file.n_examples,
             fields=file.fields,
         )
 

@@ -147,8 +147,12 @@ class FineTuningJobEventObject(BaseModel):
     @classmethod
     def from_row(cls, event: JobEvent) -> FineTuningJobEventObject:
         return cls(
-            id=event.public_id, created_at=unix(event.created_at), level=event.level, message=event.message,
-            data=event.data or {}, type="metrics" if event.type == "metrics" else "message",
+            id=event.public_id,
+            created_at=unix(event.created_at),
+            level=event.level,
+            message=event.message,
+            data=event.data or {},
+            type="metrics" if event.type == "metrics" else "message",
             event_type=event.type,
         )
 
@@ -166,8 +170,11 @@ class CheckpointObject(BaseModel):
     @classmethod
     def from_row(cls, checkpoint: Checkpoint, job: Job) -> CheckpointObject:
         return cls(
-            id=checkpoint.id, created_at=unix(checkpoint.created_at),
+            id=checkpoint.id,
+            created_at=unix(checkpoint.created_at),
             fine_tuned_model_checkpoint=f"{job.model}:ckpt-step-{checkpoint.step}:{job.id}",
-            fine_tuning_job_id=job.id, metrics=checkpoint.metrics or {}, step_number=checkpoint.step,
+            fine_tuning_job_id=job.id,
+            metrics=checkpoint.metrics or {},
+            step_number=checkpoint.step,
             file_id=checkpoint.file_id,
         )

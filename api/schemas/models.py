@@ -19,6 +19,11 @@ class ModelObject(BaseModel):
 
     @classmethod
     def from_info(cls, info: BaseModelInfo) -> ModelObject:
-        return cls(id=info.name, created=info.created, description=info.description,
-                   max_lora_rank=info.max_lora_rank, context_length=info.context_length,
-                   parameters=info.parameters)
+        return cls(
+            id=info.name,
+            created=info.created,
+            description=info.description,
+            max_lora_rank=info.max_lora_rank,
+            context_length=info.context_length,
+            parameters=info.parameters,
+        )

@@ -37,28 +37,17 @@ def upload(session: Session, project: Project, filename: str | None, purpose: st
     try:
         summary: DatasetSummary = validate_jsonl(staged.temp_path, settings.min_examples)
         file = File(
-            id=new_id("file"), project_id=project.id, filename=_clean_filename(filename), purpose=purpose,
-            bytes=staged.bytes, sha256=staged.sha256, data_format=summary.format,
-            n_examples=summary.n_examples, fields=summary.fields,
+            id=new_id("file"),
+            project_id=project.id,
+            filename=_clean_filename(filename),
+            purpose=purpose,
+            bytes=staged.bytes,
+            sha256=staged.sha256,
+            data_format=summary.format,
+            n_examples=summary.n_examples,
+            fields=summary.fields,
         )
         file.storage_key = storage.key_for(project.id, file.id)
-        storage.commit(staged, file.storage_key)
-    except BaseException:
-        storage.discard(staged)
-        raise
-    session.add(file)
-    session.flush()
-    return file
-
-
-def publish(session: Session, project_id: str, source: Path, filename: str, purpose: str) -> File:
-    """Copy a finished worker output into the store and register it. Called by workers."""
-    storage = get_storage()
-    staged = storage.stage_file(source)
-    file = File(id=new_id("file"), project_id=project_id, filename=filename, purpose=purpose,
-                bytes=staged.bytes, sha256=staged.sha256)
-    file.storage_key = storage.key_for(project_id, file.id)
-    try:
         storage.commit(staged, file.storage_key)
     except BaseException:
         storage.discard(staged)
@@ -75,8 +64,9 @@ def get(session: Session, project: Project, file_id: str) -> File:
     return file
 
 
-def list_files(session: Session, project: Project, after: str | None, limit: int,
-               purpose: str | None) -> tuple[list[File], bool]:
+def list_files(
+    session: Session, project: Project, after: str | None, limit: int, purpose: str | None
+) -> tuple[list[File], bool]:
     stmt = select(File).where(File.project_id == project.id)
     if purpose:
         stmt = stmt.where(File.purpose == purpose)
@@ -90,11 +80,13 @@ def content_path(file: File) -> Path:
 def delete(session: Session, project: Project, file_id: str) -> None:
     file = get(session, project, file_id)
     active = session.scalar(
-        select(Job.id).where(
+        select(Job.id)
+        .where(
             Job.project_id == project.id,
             (Job.training_file_id == file.id) | (Job.validation_file_id == file.id),
             Job.status.not_in(sorted(TERMINAL)),
-        ).limit(1)
+        )
+        .limit(1)
     )
     if active is not None:
         raise Conflict(f"File {file.id} is used by job {active}, which has not finished.", param="file_id")

@@ -6,7 +6,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.schemas.fine_tuning import CreateFineTuningJob
-from api.services import files as file_service
 from api.services.pagination import page
 from models.config import get_settings
 from models.datasets import DatasetSummary, check_template_against
@@ -84,17 +83,14 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
     if request.max_seq_len is not None:
         if request.max_seq_len > base.context_length:
             raise InvalidRequest(
-                f"max_seq_len={request.max_seq_len} exceeds {base.name}'s context length "
-                f"of {base.context_length}.",
+                f"max_seq_len={request.max_seq_len} exceeds {base.name}'s context length of {base.context_length}.",
                 param="max_seq_len",
             )
         spec_fields["max_seq_len"] = request.max_seq_len
     spec = FineTuneSpec(**spec_fields)
 
     active = session.scalar(
-        select(func.count()).select_from(Job).where(
-            Job.project_id == project.id, Job.status.not_in(sorted(TERMINAL))
-        )
+        select(func.count()).select_from(Job).where(Job.project_id == project.id, Job.status.not_in(sorted(TERMINAL)))
     )
     if active >= settings.max_queued_jobs_per_project:
         raise TooManyJobs(
@@ -131,8 +127,9 @@ def get(session: Session, project: Project, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, project: Project, after: str | None, limit: int,
-              metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
+def list_jobs(
+    session: Session, project: Project, after: str | None, limit: int, metadata: dict[str, str] | None = None
+) -> tuple[list[Job], bool]:
     stmt = select(Job).where(Job.project_id == project.id, Job.kind == "fine_tune")
     return page(session, stmt, Job.id, after, limit)
 
@@ -140,20 +137,22 @@ def list_jobs(session: Session, project: Project, after: str | None, limit: int,
 def cancel(session: Session, project: Project, job_id: str) -> Job:
     job = get(session, project, job_id)
     if JobStatus(job.status).is_terminal:
-        raise Conflict(f"Job {job.id} has already {job.status}; it cannot be cancelled.",
-                       param="fine_tuning_job_id")
+        raise Conflict(f"Job {job.id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
     # A job that has not started stops at once; a running one is asked, and its worker stops it
     # between two training steps.
     moved = switch_job_status(
-        session, job.id, JobStatus.cancelled,
+        session,
+        job.id,
+        JobStatus.cancelled,
         only_from={JobStatus.validating_files, JobStatus.queued},
         message="Job cancelled before it started.",
     ) or switch_job_status(session, job.id, JobStatus.cancelling, only_from={JobStatus.running})
     if not moved:
         session.refresh(job)
         if JobStatus(job.status).is_terminal and job.status != JobStatus.cancelled:
-            raise Conflict(f"Job {job.id} has already {job.status}; it cannot be cancelled.",
-                           param="fine_tuning_job_id")
+            raise Conflict(
+                f"Job {job.id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id"
+            )
     session.flush()
     session.refresh(job)
     return job
@@ -168,15 +167,17 @@ def _event_cursor(after: str | None) -> int | None:
     return int(number)
 
 
-def list_events(session: Session, project: Project, job_id: str, after: str | None,
-                limit: int) -> tuple[list[JobEvent], bool]:
+def list_events(
+    session: Session, project: Project, job_id: str, after: str | None, limit: int
+) -> tuple[list[JobEvent], bool]:
     job = get(session, project, job_id)
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
     return page(session, stmt, JobEvent.id, _event_cursor(after), limit)
 
 
-def list_checkpoints(session: Session, project: Project, job_id: str, after: str | None,
-                     limit: int) -> tuple[Job, list[Checkpoint], bool]:
+def list_checkpoints(
+    session: Session, project: Project, job_id: str, after: str | None, limit: int
+) -> tuple[Job, list[Checkpoint], bool]:
     job = get(session, project, job_id)
     stmt = select(Checkpoint).where(Checkpoint.job_id == job.id)
     rows, has_more = page(session, stmt, Checkpoint.id, after, limit)

@@ -1,0 +1,100 @@
+"""The reconciler: no job is lost when a message or a worker is.
+
+- A queued job whose message never went out (publish failed after commit), or went out long ago and
+  was never claimed (broker restarted and lost it), is published again. The claim is conditional,
+  so an extra message is harmless.
+- A running job whose lease expired (its worker died) goes back to queued and is published again;
+  a cancelling one whose worker died is simply cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import or_, select
+
+from models.base import utcnow
+from models.config import get_settings
+from models.db import session_scope
+from models.job import Job
+from models.job_status import JobStatus
+from models.queue import publish_job
+from models.transitions import switch_job_status
+
+log = logging.getLogger(__name__)
+
+
+def reconcile_once() -> dict[str, int]:
+    settings = get_settings()
+    now = utcnow()
+    counts = {"requeued": 0, "cancelled": 0, "republished": 0}
+    with session_scope() as session:
+        expired = session.execute(
+            select(Job.id, Job.status).where(
+                Job.status.in_([JobStatus.running, JobStatus.cancelling]), Job.lease_expires_at < now
+            )
+        ).all()
+        for job_id, status in expired:
+            if status == JobStatus.cancelling:
+                if switch_job_status(
+                    session,
+                    job_id,
+                    JobStatus.cancelled,
+                    only_from={JobStatus.cancelling},
+                    message="Job cancelled; its worker stopped before confirming.",
+                ):
+                    counts["cancelled"] += 1
+            elif switch_job_status(
+                session,
+                job_id,
+                JobStatus.queued,
+                only_from={JobStatus.running},
+                message="Worker lease expired; job requeued.",
+            ):
+                counts["requeued"] += 1
+
+    stale = now - timedelta(seconds=settings.redispatch_after_seconds)
+    # A message published less than a few seconds ago may simply not be claimed yet.
+    grace = now - timedelta(seconds=5)
+    with session_scope() as session:
+        to_publish = session.execute(
+            select(Job.id, Job.kind)
+            .where(
+                Job.status == JobStatus.queued,
+                Job.created_at < grace,
+                or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale),
+            )
+            .order_by(Job.id)
+            .limit(500)
+        ).all()
+    for job_id, kind in to_publish:
+        try:
+            publish_job(job_id, kind)
+            counts["republished"] += 1
+        except Exception:
+            log.exception("re-publishing %s failed; will retry", job_id)
+            break
+    if any(counts.values()):
+        log.info("reconciler: %s", counts)
+    return counts
+
+
+class ReconcilerThread(threading.Thread):
+    """Runs the reconciler periodically inside a long-lived process (the API, or `grove reconcile`)."""
+
+    def __init__(self, interval: float | None = None):
+        super().__init__(name="reconciler", daemon=True)
+        self.interval = interval or get_settings().reconcile_interval_seconds
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                reconcile_once()
+            except Exception:
+                log.exception("reconciler pass failed")
+
+    def stop(self) -> None:
+        self._stop_event.set()

@@ -1,0 +1,81 @@
+"""Thin Celery tasks: claim the job, run its stage, record how it ended.
+
+A task receives only the job id and is idempotent: a second delivery finds the job already claimed
+(or finished) and returns without doing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+from models.db import session_scope
+from models.errors import GroveError
+from models.job_status import JobStatus
+from models.queue import TASK_FOR_KIND, get_celery
+from models.transitions import switch_job_status
+from worker import fine_tune
+from worker.lease import Lease, claim
+
+log = logging.getLogger(__name__)
+app = get_celery()
+
+STAGES = {"fine_tune": fine_tune.run}
+
+
+def classify_failure(exc: BaseException) -> dict:
+    """The job's error: user errors (bad data, bad spec) are told apart from system errors."""
+    if isinstance(exc, GroveError) and exc.status_code < 500:
+        return {
+            "code": exc.code or "invalid_request",
+            "message": exc.message,
+            "param": exc.param,
+            "type": "user_error",
+        }
+    if isinstance(exc, MemoryError) or exc.__class__.__name__ == "OutOfMemoryError":
+        return {
+            "code": "out_of_memory",
+            "message": f"The worker ran out of memory: {exc}",
+            "param": None,
+            "type": "system_error",
+        }
+    return {
+        "code": "internal_error",
+        "message": f"{exc.__class__.__name__}: {exc}",
+        "param": None,
+        "type": "system_error",
+    }
+
+
+def run_job(job_id: str, kind: str) -> str:
+    lease = claim(job_id)
+    if lease is None:
+        log.info("job %s is not queued (already claimed, finished or cancelled); skipping", job_id)
+        return "skipped"
+    lease.start()
+    try:
+        STAGES[kind](job_id, lease)
+        return "done"
+    except Exception as exc:
+        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        _fail(job_id, lease, classify_failure(exc))
+        return "failed"
+    finally:
+        lease.stop()
+
+
+def _fail(job_id: str, lease: Lease, error: dict) -> None:
+    with session_scope() as session:
+        switch_job_status(
+            session,
+            job_id,
+            JobStatus.failed,
+            only_from={JobStatus.running, JobStatus.cancelling},
+            lease_owner=lease.owner,
+            error=error,
+        )
+
+
+@app.task(name=TASK_FOR_KIND["fine_tune"], acks_late=True, reject_on_worker_lost=True)
+def run_fine_tune(job_id: str) -> str:
+    return run_job(job_id, "fine_tune")
