@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,9 +20,14 @@ def error_response(error: GroveError, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": error.to_dict()}, status_code=error.status_code, headers=headers)
 
 
+# Pydantic puts the union member it tried into the location ("n_epochs", "constrained-int"); a field
+# name never looks like these.
+_UNION_TAG = re.compile(r"^(int|float|str|bool|list|dict|none|constrained-\w+|function-\w+.*|\w+\[.*\])$")
+
+
 def _param_from_loc(loc: tuple) -> str | None:
-    # ("body", "hyperparameters", "n_epochs") -> "hyperparameters.n_epochs"; drop pydantic's union tags.
-    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and ("[" in p or p in {"int", "float"}))]
+    # ("body", "hyperparameters", "n_epochs") -> "hyperparameters.n_epochs"
+    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and _UNION_TAG.match(p))]
     return ".".join(parts) or (str(loc[0]) if loc else None)
 
 

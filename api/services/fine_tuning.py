@@ -135,26 +135,21 @@ def list_jobs(
 
 
 def cancel(session: Session, project: Project, job_id: str) -> Job:
+    """Cancel a job; cancelling one that is already cancelled or cancelling returns it unchanged."""
     job = get(session, project, job_id)
-    if JobStatus(job.status).is_terminal:
-        raise Conflict(f"Job {job.id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
     # A job that has not started stops at once; a running one is asked, and its worker stops it
     # between two training steps.
-    moved = switch_job_status(
+    switch_job_status(
         session,
         job.id,
         JobStatus.cancelled,
         only_from={JobStatus.validating_files, JobStatus.queued},
         message="Job cancelled before it started.",
     ) or switch_job_status(session, job.id, JobStatus.cancelling, only_from={JobStatus.running})
-    if not moved:
-        session.refresh(job)
-        if JobStatus(job.status).is_terminal and job.status != JobStatus.cancelled:
-            raise Conflict(
-                f"Job {job.id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id"
-            )
     session.flush()
     session.refresh(job)
+    if job.status in (JobStatus.succeeded, JobStatus.failed):
+        raise Conflict(f"Job {job.id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
     return job
 
 

@@ -1,0 +1,45 @@
+# Grove: `make run` starts the embedded service, `make test` runs the suite.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+PORT ?= 8000
+# The install is redone only when the lock or the project metadata change.
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+
+.PHONY: install migrate models test-models run worker api test lint format bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . || $(BIN)/pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+migrate: install
+	$(BIN)/alembic upgrade head
+
+models: install
+	$(PY) -m worker.prepare_models
+
+test-models: install
+	$(PY) -m worker.prepare_models --only tiny-llama-test
+
+run: install migrate models
+	PORT=$(PORT) scripts/run-embedded
+
+test: install test-models
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf var/grove.db* var/broker.sqlite* var/storage var/work

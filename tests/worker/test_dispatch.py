@@ -1,0 +1,134 @@
+"""Dispatch without loss or duplication: after-commit publish, the reconciler, and idempotent claims."""
+
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import select, update
+
+from models.base import utcnow
+from models.config import get_settings
+from models.db import session_scope
+from models.job import Job, JobEvent
+from models.job_status import JobStatus
+from models.transitions import switch_job_status
+from tests.api.test_files import jsonl, upload
+from tests.conftest import REDIS_URL, prompt_completion_rows
+from worker.lease import claim
+from worker.reconcile import reconcile_once
+
+
+@pytest.fixture
+def queue():
+    client = redis.Redis.from_url(REDIS_URL)
+    name = get_settings().fine_tune_queue
+    client.delete(name)
+    yield lambda: client.llen(name)
+    client.delete(name)
+
+
+@pytest.fixture
+def job_id(client, auth) -> str:
+    file_id = upload(client, auth, jsonl(prompt_completion_rows(10))).json()["id"]
+    response = client.post(
+        "/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-llama-test", "training_file": file_id}
+    )
+    return response.json()["id"]
+
+
+def events(job_id) -> list[str]:
+    with session_scope() as session:
+        return list(session.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def test_message_goes_out_after_commit(client, auth, queue):
+    file_id = upload(client, auth, jsonl(prompt_completion_rows(10))).json()["id"]
+    before = queue()
+    job = client.post(
+        "/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-llama-test", "training_file": file_id}
+    ).json()
+    assert queue() == before + 1
+    with session_scope() as session:
+        assert session.get(Job, job["id"]).dispatched_at is not None
+
+
+def test_rolled_back_job_sends_nothing(queue, job_id):
+    from models.queue import dispatch_after_commit
+
+    before = queue()
+    with pytest.raises(RuntimeError), session_scope() as session:
+        dispatch_after_commit(session, job_id, "fine_tune")
+        raise RuntimeError("request failed after creating the job")
+    assert queue() == before
+
+
+def test_second_delivery_of_a_claimed_job_does_nothing(job_id):
+    from worker.tasks import run_fine_tune
+
+    lease = claim(job_id)
+    assert lease is not None
+    before = events(job_id)
+    assert run_fine_tune.run(job_id) == "skipped"  # the task body, as a redelivered message runs it
+    assert events(job_id) == before
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job.status == JobStatus.running and job.lease_owner == lease.owner and job.attempts == 1
+
+
+def test_finished_job_is_never_run_again(job_id):
+    from worker.tasks import run_fine_tune
+
+    with session_scope() as session:
+        switch_job_status(session, job_id, JobStatus.cancelled)
+    assert run_fine_tune.run(job_id) == "skipped"
+    assert events(job_id)[-1] == "cancelled"
+
+
+def test_reconciler_republishes_lost_messages(queue, job_id):
+    with session_scope() as session:
+        # As if the publish after commit failed (broker down), some time ago.
+        session.execute(
+            update(Job).where(Job.id == job_id).values(dispatched_at=None, created_at=utcnow() - timedelta(minutes=1))
+        )
+    before = queue()
+    assert reconcile_once()["republished"] >= 1
+    assert queue() >= before + 1
+    with session_scope() as session:
+        assert session.get(Job, job_id).dispatched_at is not None
+    # A fresh dispatch is left alone.
+    again = queue()
+    reconcile_once()
+    assert queue() == again
+
+
+def test_reconciler_requeues_a_job_whose_worker_died(queue, job_id):
+    lease = claim(job_id)
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1), created_at=utcnow() - timedelta(minutes=1))
+        )
+    counts = reconcile_once()
+    assert counts["requeued"] >= 1
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job.status == JobStatus.queued and job.lease_owner is None and job.dispatched_at is not None
+    assert events(job_id)[-2:] == ["started", "queued"]
+    # The dead worker's lease is gone: it can no longer write.
+    lease.beat()
+    assert lease.lost.is_set()
+    # A new claim gets it, as a second attempt.
+    second = claim(job_id)
+    assert second is not None and second.owner != lease.owner
+    with session_scope() as session:
+        assert session.get(Job, job_id).attempts == 2
+
+
+def test_heartbeat_sees_cancel(job_id, client, auth):
+    lease = claim(job_id)
+    lease.beat()
+    assert not lease.should_stop
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
+    lease.beat()
+    assert lease.cancel_requested.is_set() and lease.should_stop
