@@ -9,6 +9,7 @@ from functools import lru_cache
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+import models.tables  # noqa: F401  (every table mapped before a session resolves foreign keys)
 from models.config import get_settings
 
 

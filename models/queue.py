@@ -24,6 +24,16 @@ TASK_FOR_KIND = {"fine_tune": "grove.fine_tune"}
 RECONCILE_TASK = "grove.reconcile"
 
 
+def _transport_options(broker_url: str, visibility_timeout: int) -> dict:
+    if broker_url.startswith(("redis", "rediss", "sentinel")):
+        # Redis redelivers an unacknowledged message after this long; keep it above the longest job.
+        return {"visibility_timeout": visibility_timeout}
+    if broker_url.startswith("sqla+sqlite"):
+        # kombu hands these to create_engine: wait out the API and worker briefly locking the file.
+        return {"connect_args": {"timeout": 30}}
+    return {}
+
+
 @lru_cache
 def get_celery() -> Celery:
     settings = get_settings()
@@ -36,7 +46,7 @@ def get_celery() -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_transport_options=_transport_options(settings.broker_url, settings.visibility_timeout_seconds),
         task_default_queue=settings.fine_tune_queue,
         task_routes={
             TASK_FOR_KIND["fine_tune"]: {"queue": settings.fine_tune_queue},

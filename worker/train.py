@@ -13,6 +13,7 @@ torch, transformers and peft are imported when training starts, so importing thi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from models.datasets import DatasetError, Example
-from models.specs import FineTuneSpec, resolve_batch_size, resolve_learning_rate, resolve_n_epochs
+from models.specs import (
+    BASE_LEARNING_RATE,
+    FineTuneSpec,
+    resolve_batch_size,
+    resolve_learning_rate,
+    resolve_n_epochs,
+)
 from worker.data import IGNORE_INDEX, TokenizedData, collate, tokenize_examples
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -143,8 +150,6 @@ class _Trainer:
         self._last_poll = 0.0
 
     def _autocast(self):
-        import contextlib
-
         import torch
 
         if self.device.type == "cuda" and self.dtype != torch.float32:
@@ -212,14 +217,20 @@ class _Trainer:
         return loss / targets, correct / targets
 
 
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` (FutureWarning).
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _save_dir(model, dest: Path, tokenizer=None) -> Path:
     """Save the adapter (and tokenizer) into a temporary sibling and rename it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     try:
-        with warnings.catch_warnings():
-            # peft 0.21 calls transformers' deprecated is_gradient_checkpointing while saving.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with _quiet_peft():
             model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -260,6 +271,7 @@ def train_adapter(
     hf_logging.disable_progress_bar()
     base_dir, work_dir = Path(base_dir), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # from an earlier attempt of this job
     _set_threads()
     device, dtype = _pick_device()
 
@@ -309,7 +321,8 @@ def train_adapter(
         use_dora=spec.adapter.type == "dora",
         bias="none",
     )
-    model = get_peft_model(model, lora_config)
+    with _quiet_peft():
+        model = get_peft_model(model, lora_config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -319,6 +332,7 @@ def train_adapter(
         "batch_size": batch_size,
         "n_epochs": n_epochs,
         "learning_rate": learning_rate,
+        "learning_rate_multiplier": learning_rate / BASE_LEARNING_RATE,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "steps_per_epoch": steps_per_epoch,

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+from tests.conftest import emotion_rows, write_jsonl
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def sdk(base_url: str, key: str) -> OpenAI:
+    return OpenAI(api_key=key, base_url=f"{base_url}/v1", max_retries=0, timeout=60)
+
+
+def upload_emotion(client: OpenAI, tmp_path: Path, n: int, offset: int = 0, name: str = "train.jsonl") -> str:
+    path = write_jsonl(tmp_path / name, emotion_rows(n, offset))
+    with path.open("rb") as f:
+        return client.files.create(file=f, purpose="fine-tune").id
+
+
+def wait_for(client: OpenAI, job_id: str, until=lambda job: job.status in TERMINAL, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if until(job):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not reach the condition in {timeout}s; last status {job.status}")
+
+
+def download(base_url: str, key: str, file_id: str, **headers) -> httpx.Response:
+    return httpx.get(
+        f"{base_url}/v1/files/{file_id}/content", headers={"Authorization": f"Bearer {key}"} | headers, timeout=60
+    )
+
+
+def untar(content: bytes, dest: Path) -> Path:
+    with tarfile.open(fileobj=io.BytesIO(content)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
