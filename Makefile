@@ -7,7 +7,7 @@ PORT ?= 8000
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install migrate models test-models run worker api test lint format bench clean
+.PHONY: install migrate models test-models run test lint format bench bench-walkthrough clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,12 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+bench: bench-walkthrough
+
+# Wall time of the README walk-through (smollm2-135m-instruct, 300 rows), for docs/BENCHMARKS.md.
+bench-walkthrough: install migrate models
+	bench/walkthrough.sh
 
 clean:
 	rm -rf var/grove.db* var/broker.sqlite* var/storage var/work

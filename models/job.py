@@ -22,6 +22,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftjob"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(32), default="fine_tune")
+    # The Celery queue chosen at creation; every (re)publish of this job goes there.
+    queue: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(100))
     training_file_id: Mapped[str | None] = mapped_column(String(40))
     validation_file_id: Mapped[str | None] = mapped_column(String(40))

@@ -60,11 +60,11 @@ def get_celery() -> Celery:
     return app
 
 
-def publish_job(job_id: str, kind: str) -> None:
+def publish_job(job_id: str, kind: str, queue: str) -> None:
     """Send the job's message and record when it went out. Safe to repeat: the claim is conditional."""
     from models.db import session_scope
 
-    get_celery().send_task(TASK_FOR_KIND[kind], args=[job_id])
+    get_celery().send_task(TASK_FOR_KIND[kind], args=[job_id], queue=queue)
     with session_scope() as session:
         session.execute(
             update(Job)
@@ -74,22 +74,22 @@ def publish_job(job_id: str, kind: str) -> None:
         )
 
 
-def dispatch_after_commit(session: Session, job_id: str, kind: str) -> None:
+def dispatch_after_commit(session: Session, job_id: str, kind: str, queue: str) -> None:
     """Publish once the session's transaction commits; nothing is sent if it rolls back.
 
     A publish that fails (broker down) is only logged: the job row is already durable and queued
     with no `dispatched_at`, so the reconciler sends it later.
     """
     pending: list = session.info.setdefault("dispatch_after_commit", [])
-    pending.append((job_id, kind))
+    pending.append((job_id, kind, queue))
 
 
 @event.listens_for(Session, "after_commit")
 def _publish_pending(session: Session) -> None:
     pending = session.info.pop("dispatch_after_commit", [])
-    for job_id, kind in pending:
+    for job_id, kind, queue in pending:
         try:
-            publish_job(job_id, kind)
+            publish_job(job_id, kind, queue)
         except Exception:
             log.exception("could not publish job %s; the reconciler will re-send it", job_id)
 

@@ -6,8 +6,10 @@ and key, so tests are isolated by the same tenancy rules the service enforces.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -158,7 +160,10 @@ class Stack:
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         log = (self.logs / log_name).open("ab")
-        return subprocess.Popen(args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        # A session of its own, so that stopping signals the whole tree (Celery's pool children too).
+        return subprocess.Popen(
+            args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def start_worker(self) -> None:
         bin_dir = Path(sys.executable).parent
@@ -182,18 +187,26 @@ class Stack:
             "worker.log",
         )
 
-    def stop_worker(self, sig: int | None = None) -> None:
-        if self.worker is None:
+    @staticmethod
+    def _signal_tree(process: subprocess.Popen, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+
+    def _stop(self, process: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
+        if process is None:
             return
-        if sig is None:
-            self.worker.terminate()
-        else:
-            self.worker.send_signal(sig)
+        self._signal_tree(process, sig)
         try:
-            self.worker.wait(timeout=60)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            self.worker.kill()
-            self.worker.wait()
+            self._signal_tree(process, signal.SIGKILL)
+            process.wait()
+        # Pool children may outlive their parent for a moment; nothing of this stack may linger.
+        self._signal_tree(process, signal.SIGKILL)
+
+    def stop_worker(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the worker; SIGKILL takes the whole process tree down at once, like a lost machine."""
+        self._stop(self.worker, sig)
         self.worker = None
 
     def start(self) -> Stack:
@@ -226,9 +239,8 @@ class Stack:
 
     def stop(self) -> None:
         self.stop_worker()
-        if self.api is not None:
-            self.api.terminate()
-            self.api.wait(timeout=30)
+        self._stop(self.api)
+        self.api = None
 
 
 @pytest.fixture(scope="session")

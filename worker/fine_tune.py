@@ -88,6 +88,17 @@ class JobProgress:
                     data={"n_truncated": truncated},
                     level="warning",
                 )
+            skipped = stats.get("n_skipped") or 0
+            if skipped:
+                add_event(
+                    session,
+                    self.job_id,
+                    "warning",
+                    f"{skipped} training examples had no tokens to train on (all weights 0, or the trained "
+                    "part was cut off by max_seq_len) and were skipped.",
+                    data={"n_skipped": skipped},
+                    level="warning",
+                )
 
     def on_metrics(self, step: int, total_steps: int, metrics: dict) -> None:
         elapsed = time.monotonic() - self.started

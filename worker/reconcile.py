@@ -60,7 +60,7 @@ def reconcile_once() -> dict[str, int]:
     grace = now - timedelta(seconds=5)
     with session_scope() as session:
         to_publish = session.execute(
-            select(Job.id, Job.kind)
+            select(Job.id, Job.kind, Job.queue)
             .where(
                 Job.status == JobStatus.queued,
                 Job.created_at < grace,
@@ -69,9 +69,9 @@ def reconcile_once() -> dict[str, int]:
             .order_by(Job.id)
             .limit(500)
         ).all()
-    for job_id, kind in to_publish:
+    for job_id, kind, queue in to_publish:
         try:
-            publish_job(job_id, kind)
+            publish_job(job_id, kind, queue)
             counts["republished"] += 1
         except Exception:
             log.exception("re-publishing %s failed; will retry", job_id)

@@ -100,6 +100,7 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
     job = Job(
         project_id=project.id,
         kind="fine_tune",
+        queue=settings.fine_tune_queue,
         model=base.name,
         training_file_id=training.id,
         validation_file_id=validation.id if validation else None,
@@ -114,7 +115,7 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
     add_event(session, job.id, "created", f"Created fine-tuning job: {job.id}")
     # The files were validated line by line at upload and the template checked above.
     switch_job_status(session, job.id, JobStatus.queued, message="Validated training file; job queued.")
-    dispatch_after_commit(session, job.id, job.kind)
+    dispatch_after_commit(session, job.id, job.kind, job.queue)
     session.flush()
     session.refresh(job)
     return job

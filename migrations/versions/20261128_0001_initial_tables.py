@@ -62,6 +62,7 @@ def upgrade() -> None:
     sa.Column('id', sa.String(length=40), nullable=False),
     sa.Column('project_id', sa.String(length=40), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
+    sa.Column('queue', sa.String(length=64), nullable=False),
     sa.Column('model', sa.String(length=100), nullable=False),
     sa.Column('training_file_id', sa.String(length=40), nullable=True),
     sa.Column('validation_file_id', sa.String(length=40), nullable=True),

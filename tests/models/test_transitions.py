@@ -14,7 +14,7 @@ def job_id(database) -> str:
         project = Project(name=f"t-{id(session)}-{JobStatus.queued}")
         session.add(project)
         session.flush()
-        job = Job(project_id=project.id, model="tiny-llama-test", spec={}, status=JobStatus.queued)
+        job = Job(project_id=project.id, model="tiny-llama-test", queue="unused", spec={}, status=JobStatus.queued)
         session.add(job)
         session.flush()
         return job.id

@@ -57,7 +57,7 @@ def test_rolled_back_job_sends_nothing(queue, job_id):
 
     before = queue()
     with pytest.raises(RuntimeError), session_scope() as session:
-        dispatch_after_commit(session, job_id, "fine_tune")
+        dispatch_after_commit(session, job_id, "fine_tune", get_settings().fine_tune_queue)
         raise RuntimeError("request failed after creating the job")
     assert queue() == before
 
