@@ -29,4 +29,6 @@ class File(Base):
     data_format: Mapped[str | None] = mapped_column(String(32))
     n_examples: Mapped[int | None] = mapped_column(Integer)
     fields: Mapped[list | None] = mapped_column(JSON)
+    # The job whose result this file is; None for uploads.
+    job_id: Mapped[str | None] = mapped_column(String(40), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -55,6 +55,10 @@ class Job(Base):
 
     result_files: Mapped[list] = mapped_column(JSON, default=list)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(200))
+    # A kind-specific summary of what the job produced (metrics, a package manifest, ...).
+    result: Mapped[dict | None] = mapped_column(JSON)
+    # The job that spawned this one (a sweep's trials), if any.
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
 
 
 class JobEvent(Base):

@@ -14,7 +14,12 @@ RESULTS_PURPOSE = "fine-tune-results"
 
 
 def publish_file(
-    session: Session, project_id: str, source: Path, filename: str, purpose: str = RESULTS_PURPOSE
+    session: Session,
+    project_id: str,
+    source: Path,
+    filename: str,
+    purpose: str = RESULTS_PURPOSE,
+    job_id: str | None = None,
 ) -> File:
     """Copy `source` into the store and add its row. If the transaction rolls back, the copy goes too."""
     storage = get_storage()
@@ -26,6 +31,7 @@ def publish_file(
         purpose=purpose,
         bytes=staged.bytes,
         sha256=staged.sha256,
+        job_id=job_id,
     )
     file.storage_key = storage.key_for(project_id, file.id)
     try:

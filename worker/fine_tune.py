@@ -125,7 +125,9 @@ class JobProgress:
             {"job_id": self.job_id, "base_model": self.model, "step": step},
         )
         with session_scope() as session:
-            file = publish_file(session, self.project_id, archive, f"{self.job_id}-step-{step}-adapter.tar")
+            file = publish_file(
+                session, self.project_id, archive, f"{self.job_id}-step-{step}-adapter.tar", job_id=self.job_id
+            )
             session.add(Checkpoint(job_id=self.job_id, step=step, metrics={"step": step} | metrics, file_id=file.id))
             add_event(
                 session,
@@ -215,8 +217,8 @@ def _publish_and_succeed(job: Job, lease: Lease, adapter_tar: Path, metrics_csv:
     # One transaction: the result files, the job's pointers to them and `succeeded` land together,
     # or (lease lost, cancel won the race) none of them does and the copies are removed.
     with session_scope() as session:
-        adapter = publish_file(session, job.project_id, adapter_tar, f"{job.id}-adapter.tar")
-        metrics = publish_file(session, job.project_id, metrics_csv, f"{job.id}-metrics.csv")
+        adapter = publish_file(session, job.project_id, adapter_tar, f"{job.id}-adapter.tar", job_id=job.id)
+        metrics = publish_file(session, job.project_id, metrics_csv, f"{job.id}-metrics.csv", job_id=job.id)
         session.execute(
             update(Job)
             .where(Job.id == job.id, Job.lease_owner == lease.owner)

@@ -6,10 +6,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.schemas.fine_tuning import CreateFineTuningJob
+from api.services import jobs
 from api.services.pagination import page
 from models.config import get_settings
 from models.datasets import DatasetSummary, check_template_against
-from models.errors import Conflict, GroveError, InvalidRequest, NotFound
+from models.errors import GroveError, InvalidRequest
 from models.file import File
 from models.job import Checkpoint, Job, JobEvent
 from models.job_status import TERMINAL, JobStatus
@@ -121,54 +122,25 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
     return job
 
 
+KIND = "fine_tune"
+
+
 def get(session: Session, project: Project, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project.id))
-    if job is None:
-        raise NotFound("fine-tuning job", job_id, param="fine_tuning_job_id")
-    return job
+    return jobs.get(session, project, job_id, KIND)
 
 
-def list_jobs(
-    session: Session, project: Project, after: str | None, limit: int, metadata: dict[str, str] | None = None
-) -> tuple[list[Job], bool]:
-    stmt = select(Job).where(Job.project_id == project.id, Job.kind == "fine_tune")
-    return page(session, stmt, Job.id, after, limit)
+def list_jobs(session: Session, project: Project, after: str | None, limit: int) -> tuple[list[Job], bool]:
+    return jobs.list_of_kind(session, project, KIND, after, limit)
 
 
 def cancel(session: Session, project: Project, job_id: str) -> Job:
-    """Cancel a job; cancelling one that is already cancelled or cancelling returns it unchanged."""
-    job = get(session, project, job_id)
-    # A job that has not started stops at once; a running one is asked, and its worker stops it
-    # between two training steps.
-    switch_job_status(
-        session,
-        job.id,
-        JobStatus.cancelled,
-        only_from={JobStatus.validating_files, JobStatus.queued},
-        message="Job cancelled before it started.",
-    ) or switch_job_status(session, job.id, JobStatus.cancelling, only_from={JobStatus.running})
-    session.flush()
-    session.refresh(job)
-    if job.status in (JobStatus.succeeded, JobStatus.failed):
-        raise Conflict(f"Job {job.id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
-    return job
-
-
-def _event_cursor(after: str | None) -> int | None:
-    if after is None:
-        return None
-    prefix, _, number = after.partition("-")
-    if prefix != "ftevent" or not number.isdigit():
-        raise InvalidRequest(f"after={after!r} is not an event id.", param="after")
-    return int(number)
+    return jobs.cancel(session, project, job_id, KIND)
 
 
 def list_events(
     session: Session, project: Project, job_id: str, after: str | None, limit: int
 ) -> tuple[list[JobEvent], bool]:
-    job = get(session, project, job_id)
-    stmt = select(JobEvent).where(JobEvent.job_id == job.id)
-    return page(session, stmt, JobEvent.id, _event_cursor(after), limit)
+    return jobs.list_events(session, project, job_id, KIND, after, limit)
 
 
 def list_checkpoints(

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 04:26:23.674869
+Create Date: 2026-11-28 04:47:57.672901
 """
 
 from collections.abc import Sequence
@@ -18,7 +18,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    
+
     op.create_table('projects',
     sa.Column('id', sa.String(length=40), nullable=False),
     sa.Column('name', sa.String(length=100), nullable=False),
@@ -51,11 +51,13 @@ def upgrade() -> None:
     sa.Column('data_format', sa.String(length=32), nullable=True),
     sa.Column('n_examples', sa.Integer(), nullable=True),
     sa.Column('fields', sa.JSON(), nullable=True),
+    sa.Column('job_id', sa.String(length=40), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['project_id'], ['projects.id'], name=op.f('fk_files_project_id_projects'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_files'))
     )
     with op.batch_alter_table('files', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_files_job_id'), ['job_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_files_project_id'), ['project_id'], unique=False)
 
     op.create_table('jobs',
@@ -85,10 +87,14 @@ def upgrade() -> None:
     sa.Column('estimated_finish', sa.DateTime(timezone=True), nullable=True),
     sa.Column('result_files', sa.JSON(), nullable=False),
     sa.Column('fine_tuned_model', sa.String(length=200), nullable=True),
+    sa.Column('result', sa.JSON(), nullable=True),
+    sa.Column('parent_id', sa.String(length=40), nullable=True),
+    sa.ForeignKeyConstraint(['parent_id'], ['jobs.id'], name=op.f('fk_jobs_parent_id_jobs'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['project_id'], ['projects.id'], name=op.f('fk_jobs_project_id_projects'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs'))
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_jobs_parent_id'), ['parent_id'], unique=False)
         batch_op.create_index('ix_jobs_project_id_id', ['project_id', 'id'], unique=False)
         batch_op.create_index('ix_jobs_status_dispatched_at', ['status', 'dispatched_at'], unique=False)
 
@@ -123,7 +129,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    
+
     with op.batch_alter_table('job_events', schema=None) as batch_op:
         batch_op.drop_index('ix_job_events_job_id_id')
 
@@ -135,10 +141,12 @@ def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index('ix_jobs_status_dispatched_at')
         batch_op.drop_index('ix_jobs_project_id_id')
+        batch_op.drop_index(batch_op.f('ix_jobs_parent_id'))
 
     op.drop_table('jobs')
     with op.batch_alter_table('files', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_files_project_id'))
+        batch_op.drop_index(batch_op.f('ix_files_job_id'))
 
     op.drop_table('files')
     with op.batch_alter_table('api_keys', schema=None) as batch_op:

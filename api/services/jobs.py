@@ -1,0 +1,72 @@
+"""Operations every job kind shares: lookup, listing, cancel, events. Never commits.
+
+Each kind's service (fine_tuning, and later exports, evaluations, sweeps) passes its `kind`, so a job
+is only ever found through its own resource path.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.services.pagination import page
+from models.errors import Conflict, InvalidRequest, NotFound
+from models.job import Job, JobEvent
+from models.job_status import JobStatus
+from models.project import Project
+from models.transitions import switch_job_status
+
+# How each kind is named in messages and in the `param` of a 404.
+KIND_NAMES = {"fine_tune": ("fine-tuning job", "fine_tuning_job_id")}
+
+
+def get(session: Session, project: Project, job_id: str, kind: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project.id, Job.kind == kind))
+    if job is None:
+        name, param = KIND_NAMES.get(kind, (f"{kind} job", "job_id"))
+        raise NotFound(name, job_id, param=param)
+    return job
+
+
+def list_of_kind(
+    session: Session, project: Project, kind: str, after: str | None, limit: int
+) -> tuple[list[Job], bool]:
+    stmt = select(Job).where(Job.project_id == project.id, Job.kind == kind)
+    return page(session, stmt, Job.id, after, limit)
+
+
+def cancel(session: Session, project: Project, job_id: str, kind: str) -> Job:
+    """Cancel a job; cancelling one that is already cancelled or cancelling returns it unchanged."""
+    job = get(session, project, job_id, kind)
+    # A job that has not started stops at once; a running one is asked, and its worker stops it at
+    # its next safe point (between two training steps).
+    switch_job_status(
+        session,
+        job.id,
+        JobStatus.cancelled,
+        only_from={JobStatus.validating_files, JobStatus.queued},
+        message="Job cancelled before it started.",
+    ) or switch_job_status(session, job.id, JobStatus.cancelling, only_from={JobStatus.running})
+    session.flush()
+    session.refresh(job)
+    if job.status in (JobStatus.succeeded, JobStatus.failed):
+        _, param = KIND_NAMES.get(kind, (kind, "job_id"))
+        raise Conflict(f"Job {job.id} has already {job.status}; it cannot be cancelled.", param=param)
+    return job
+
+
+def event_cursor(after: str | None) -> int | None:
+    if after is None:
+        return None
+    prefix, _, number = after.partition("-")
+    if prefix != "ftevent" or not number.isdigit():
+        raise InvalidRequest(f"after={after!r} is not an event id.", param="after")
+    return int(number)
+
+
+def list_events(
+    session: Session, project: Project, job_id: str, kind: str, after: str | None, limit: int
+) -> tuple[list[JobEvent], bool]:
+    job = get(session, project, job_id, kind)
+    stmt = select(JobEvent).where(JobEvent.job_id == job.id)
+    return page(session, stmt, JobEvent.id, event_cursor(after), limit)
