@@ -9,21 +9,14 @@ from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.db import get_sessionmaker
+from models.db import session_scope
 from models.errors import Unauthorized
 from models.project import ApiKey, Project, hash_key
 
 
 def get_session() -> Iterator[Session]:
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # "function" scope: commit before the response goes out, so a 2xx means the change is durable.
