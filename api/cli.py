@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from api.services.keys import create_key, get_or_create_project
+from api.services.keys import create_key, get_or_create_project, is_active
 from models.db import session_scope
 
 app = typer.Typer(help="Grove operator commands.", no_args_is_help=True)
@@ -30,13 +30,16 @@ def bootstrap(
     project: Annotated[str, typer.Option(help="Project of the bootstrap key.")] = "default",
 ) -> None:
     """Create the first project and key once, store the key in KEY_FILE (mode 600), print it."""
-    if key_file.exists() and key_file.read_text().strip():
-        typer.echo(key_file.read_text().strip())
-        return
     with session_scope() as session:
+        kept = key_file.read_text().strip() if key_file.exists() else ""
+        if kept and is_active(session, kept):
+            typer.echo(kept)
+            return
+        # No key yet, or one from a database that has since been reset: make a fresh one.
         key = create_key(session, get_or_create_project(session, project))
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.touch(mode=0o600)
+    key_file.chmod(0o600)
     key_file.write_text(key + "\n")
     typer.echo(key)
 

@@ -23,3 +23,10 @@ def create_key(session: Session, project: Project) -> str:
     session.add(ApiKey(project_id=project.id, key_hash=hash_key(key), hint=key[:10]))
     session.flush()
     return key
+
+
+def is_active(session: Session, key: str) -> bool:
+    return (
+        session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+        is not None
+    )
