@@ -2,7 +2,8 @@
 
 from models.base import Base
 from models.file import File
+from models.idempotency import IdempotencyKey
 from models.job import Checkpoint, Job, JobEvent
 from models.project import ApiKey, Project
 
-__all__ = ["ApiKey", "Base", "Checkpoint", "File", "Job", "JobEvent", "Project"]
+__all__ = ["ApiKey", "Base", "Checkpoint", "File", "IdempotencyKey", "Job", "JobEvent", "Project"]

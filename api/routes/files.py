@@ -10,6 +10,7 @@ from api.deps import ProjectDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.files import FileDeleted, FileObject
 from api.services import files as file_service
+from api.services import idempotency
 from models.storage import CHUNK
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -17,6 +18,7 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 @router.post("", response_model=FileObject)
 def upload_file(
+    request: Request,
     session: SessionDep,
     project: ProjectDep,
     file: Annotated[UploadFile, FileParam(description="JSONL dataset.")],
@@ -26,7 +28,9 @@ def upload_file(
         while chunk := file.file.read(CHUNK):
             yield chunk
 
-    row = file_service.upload(session, project, file.filename, purpose, chunks())
+    row = file_service.upload(
+        session, project, file.filename, purpose, chunks(), request.headers.get(idempotency.HEADER)
+    )
     return FileObject.from_row(row)
 
 

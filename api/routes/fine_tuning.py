@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from api.deps import ProjectDep, SessionDep
 from api.schemas.common import ListObject
@@ -13,14 +13,26 @@ from api.schemas.fine_tuning import (
     FineTuningJobObject,
 )
 from api.services import fine_tuning as jobs
+from api.services import idempotency
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
 @router.post("", response_model=FineTuningJobObject)
-def create_job(session: SessionDep, project: ProjectDep, body: CreateFineTuningJob) -> FineTuningJobObject:
-    return FineTuningJobObject.from_row(jobs.create(session, project, body))
+def create_job(
+    request: Request, session: SessionDep, project: ProjectDep, body: CreateFineTuningJob
+) -> FineTuningJobObject:
+    job = idempotency.create_once(
+        session,
+        project,
+        request.headers.get(idempotency.HEADER),
+        idempotency.fingerprint("fine_tuning.jobs", body.model_dump_json()),
+        "fine_tuning.job",
+        create=lambda: jobs.create(session, project, body),
+        fetch=lambda job_id: jobs.get(session, project, job_id),
+    )
+    return FineTuningJobObject.from_row(job)
 
 
 @router.get("", response_model=ListObject[FineTuningJobObject])

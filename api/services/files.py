@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.services import idempotency
 from api.services.pagination import page
 from models.config import get_settings
 from models.datasets import DatasetSummary, validate_jsonl
@@ -17,7 +18,7 @@ from models.ids import new_id
 from models.job import Job
 from models.job_status import TERMINAL
 from models.project import Project
-from models.storage import delete_after_commit, get_storage
+from models.storage import delete_after_commit, delete_on_rollback, get_storage
 
 UPLOAD_PURPOSES = {"fine-tune"}
 
@@ -28,18 +29,32 @@ def _clean_filename(name: str | None) -> str:
     return (base or "upload.jsonl")[:255]
 
 
-def upload(session: Session, project: Project, filename: str | None, purpose: str, chunks: Iterable[bytes]) -> File:
+def upload(
+    session: Session,
+    project: Project,
+    filename: str | None,
+    purpose: str,
+    chunks: Iterable[bytes],
+    idempotency_key: str | None = None,
+) -> File:
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(f"purpose must be one of: {', '.join(sorted(UPLOAD_PURPOSES))}.", param="purpose")
     settings = get_settings()
     storage = get_storage()
+    name = _clean_filename(filename)
     staged = storage.stage_chunks(chunks, max_bytes=settings.max_upload_bytes)
     try:
+        claim = idempotency.begin(
+            session, project, idempotency_key, idempotency.fingerprint("files", purpose, name, staged.sha256), "file"
+        )
+        if claim.existing_id is not None:
+            storage.discard(staged)
+            return get(session, project, claim.existing_id)
         summary: DatasetSummary = validate_jsonl(staged.temp_path, settings.min_examples)
         file = File(
             id=new_id("file"),
             project_id=project.id,
-            filename=_clean_filename(filename),
+            filename=name,
             purpose=purpose,
             bytes=staged.bytes,
             sha256=staged.sha256,
@@ -52,8 +67,11 @@ def upload(session: Session, project: Project, filename: str | None, purpose: st
     except BaseException:
         storage.discard(staged)
         raise
+    # If the request's transaction does not commit, the stored copy goes with it.
+    delete_on_rollback(session, file.storage_key)
     session.add(file)
     session.flush()
+    claim.complete(file.id)
     return file
 
 
