@@ -15,7 +15,7 @@ class Job(Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        Index("ix_jobs_project_id_id", "project_id", "id"),
+        Index("ix_jobs_project_id_kind_id", "project_id", "kind", "id"),
         Index("ix_jobs_status_dispatched_at", "status", "dispatched_at"),
     )
 

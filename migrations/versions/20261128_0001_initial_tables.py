@@ -58,7 +58,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('files', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_files_job_id'), ['job_id'], unique=False)
-        batch_op.create_index(batch_op.f('ix_files_project_id'), ['project_id'], unique=False)
+        batch_op.create_index('ix_files_project_id_id', ['project_id', 'id'], unique=False)
 
     op.create_table('jobs',
     sa.Column('id', sa.String(length=40), nullable=False),
@@ -95,7 +95,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_jobs_parent_id'), ['parent_id'], unique=False)
-        batch_op.create_index('ix_jobs_project_id_id', ['project_id', 'id'], unique=False)
+        batch_op.create_index('ix_jobs_project_id_kind_id', ['project_id', 'kind', 'id'], unique=False)
         batch_op.create_index('ix_jobs_status_dispatched_at', ['status', 'dispatched_at'], unique=False)
 
     op.create_table('checkpoints',
@@ -140,12 +140,12 @@ def downgrade() -> None:
     op.drop_table('checkpoints')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index('ix_jobs_status_dispatched_at')
-        batch_op.drop_index('ix_jobs_project_id_id')
+        batch_op.drop_index('ix_jobs_project_id_kind_id')
         batch_op.drop_index(batch_op.f('ix_jobs_parent_id'))
 
     op.drop_table('jobs')
     with op.batch_alter_table('files', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_files_project_id'))
+        batch_op.drop_index('ix_files_project_id_id')
         batch_op.drop_index(batch_op.f('ix_files_job_id'))
 
     op.drop_table('files')
