@@ -209,12 +209,20 @@ class Stack:
         self._stop(self.worker, sig)
         self.worker = None
 
-    def start(self) -> Stack:
+    def start_api(self) -> None:
         bin_dir = Path(sys.executable).parent
         self.api = self._spawn(
             [str(bin_dir / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(self.port)], "api.log"
         )
-        self.start_worker()
+
+    def stop_api(self, sig: int = signal.SIGTERM) -> None:
+        self._stop(self.api, sig)
+        self.api = None
+
+    def start(self, worker: bool = True) -> Stack:
+        self.start_api()
+        if worker:
+            self.start_worker()
         self.wait_ready()
         return self
 
@@ -239,8 +247,7 @@ class Stack:
 
     def stop(self) -> None:
         self.stop_worker()
-        self._stop(self.api)
-        self.api = None
+        self.stop_api()
 
 
 @pytest.fixture(scope="session")
