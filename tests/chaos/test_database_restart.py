@@ -1,0 +1,133 @@
+"""The database goes away and comes back: 503 (never 500) meanwhile, service within seconds after,
+and the running job still finishes (its worker keeps the lease, or gives the job back cleanly)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.chaos.test_faults import SPEC, client_for, dataset, upload, wait_all
+from tests.conftest import REPO, Stack, alembic, free_port
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of the test's own (run as the postgres user), so stopping it hurts nobody."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="grove-pg-"))
+        shutil.chown(self.dir, "postgres")
+        self.data = self.dir / "data"
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, cwd=self.dir)
+
+    def init(self) -> None:
+        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
+
+    def start(self) -> None:
+        self._as_postgres(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-w",
+            "-l",
+            str(self.dir / "log"),
+            "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1",
+            "start",
+        )
+
+    def stop(self) -> None:
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def destroy(self) -> None:
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            capture_output=True,
+        )
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres():
+    if not (PG_BIN / "initdb").exists() or shutil.which("runuser") is None:
+        pytest.skip("needs PostgreSQL 15 server binaries and runuser")
+    server = PrivatePostgres()
+    server.init()
+    server.start()
+    yield server
+    server.destroy()
+
+
+def test_database_restart(private_postgres, private_redis, tiny_model):
+    alembic("upgrade", "head", url=private_postgres.url)
+    stack = Stack(
+        f"pgrestart-{uuid.uuid4().hex[:6]}",
+        {
+            "GROVE_DATABASE_URL": private_postgres.url,
+            "GROVE_BROKER_URL": private_redis.url,
+            "GROVE_FINE_TUNE_QUEUE": "pgrestart",
+            "GROVE_RECONCILE_INTERVAL_SECONDS": "1",
+            "GROVE_LEASE_SECONDS": "30",
+        },
+    )
+    try:
+        key = subprocess.run(
+            [str(REPO / ".venv" / "bin" / "grove"), "keys", "create", "--project", "restart"],
+            cwd=REPO,
+            env=stack.env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        stack.start()
+        with client_for(stack, key) as http:
+            file_id = upload(http, dataset(40)).json()["id"]
+            job_id = http.post("/v1/fine_tuning/jobs", json=SPEC | {"training_file": file_id, "max_steps": 200}).json()[
+                "id"
+            ]
+            deadline = time.monotonic() + 60
+            while http.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+
+            private_postgres.stop()
+            down = [http.get(f"/v1/fine_tuning/jobs/{job_id}") for _ in range(3)]
+            assert {r.status_code for r in down} == {503}, [r.text for r in down]
+            assert all(r.json()["error"]["code"] == "service_unavailable" for r in down)
+            assert httpx.get(f"{stack.base_url}/readyz", timeout=10).status_code == 503
+            time.sleep(3)
+
+            private_postgres.start()
+            back = time.monotonic()
+            while http.get(f"/v1/fine_tuning/jobs/{job_id}").status_code != 200:
+                assert time.monotonic() - back < 10, "the API did not recover within 10 s"
+                time.sleep(0.1)
+            recovered_in = time.monotonic() - back
+            job = wait_all(http, [job_id], timeout=240)[job_id]
+            assert job["status"] == "succeeded", (job["error"], stack.log("worker.log"))
+            print(f"database restart: API answering again {recovered_in:.2f} s after the database returned")
+    finally:
+        stack.stop()
