@@ -7,7 +7,7 @@ PORT ?= 8000
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination clean
+.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load chaos clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,15 @@ bench-walkthrough: install migrate models
 # GET /v1/fine_tuning/jobs?limit=20 with 100 and with 100,000 jobs in the table (needs local PostgreSQL).
 bench-pagination: install
 	$(PY) bench/pagination.py
+
+# Requests/s and latency of GET and POST jobs (wrk), and a 500 MB download against nginx (same run).
+bench-load: install
+	$(PY) bench/load.py
+
+# Fault scenarios at full scale (50 jobs through a broker loss, 20 worker kills, 50 requests through an
+# API kill, a database restart); CI runs the same tests at a small scale. Figures: docs/RELIABILITY.md.
+chaos: install test-models
+	GROVE_CHAOS_FULL=1 $(BIN)/pytest tests/chaos -s -v
 
 clean:
 	rm -rf var/grove.db* var/broker.sqlite* var/storage var/work

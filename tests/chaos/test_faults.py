@@ -88,7 +88,7 @@ def test_worker_killed_at_random_moments(chaos_stack):
         file_id = upload(http, dataset(40)).json()["id"]
         body = SPEC | {
             "training_file": file_id,
-            "max_steps": 40,
+            "max_steps": 20,
             "method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4}}},
         }
         started = time.monotonic()
