@@ -7,7 +7,7 @@ PORT ?= 8000
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load chaos clean
+.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-export bench-eval bench-ecosystem bench-sweep bench-train chaos clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,6 +46,30 @@ bench: bench-walkthrough
 # Wall time of the README walk-through (smollm2-135m-instruct, 300 rows), for docs/BENCHMARKS.md.
 bench-walkthrough: install migrate models
 	bench/walkthrough.sh
+
+# Olive 0.13 (own venv under var/bench, installed from PyPI) vs a plain Trainer + peft script vs a Grove job through
+# the API: smollm2-135m-instruct, 2,000 emotion rows; writes the Training section of docs/BENCHMARKS.md (~30 min).
+bench-train: install models
+	flock /tmp/grove-heavy.lock $(PY) bench/train_bench.py $(BENCH_ARGS)
+
+# ONNX export of smollm2-135m-instruct + emotion adapters: export time, size, tokens/s and accuracy against
+# PyTorch, adapter switching, Olive when importable (see docs/BENCHMARKS.md). One heavy run at a time.
+bench-export: install models
+	flock /tmp/grove-heavy.lock $(PY) bench/export_bench.py
+
+# Evaluation jobs on smollm2-135m-instruct: 500-row emotion label task (raw and chat prompts, strict and lenient
+# accuracy), batched vs one-at-a-time reference, int4 ONNX export scored streamed. One heavy run at a time.
+bench-eval: install models
+	flock /tmp/grove-heavy.lock $(PY) bench/eval_emotion.py
+
+# Sweeps: 8-trial TPE sweep (learning_rate, r) on emotion with smollm2-135m-instruct, max_parallel 1 on one worker
+# and 2 on two workers (PostgreSQL + Redis), best trial vs default settings on val.jsonl. One heavy run at a time.
+bench-sweep: install models
+	flock /tmp/grove-heavy.lock $(PY) bench/sweep_bench.py
+
+# grove download vs curl + sha256sum, and SSE vs 1 s polling event latency (docs/BENCHMARKS.md, Ecosystem).
+bench-ecosystem: install test-models
+	flock /tmp/grove-heavy.lock $(PY) bench/ecosystem_bench.py
 
 # GET /v1/fine_tuning/jobs?limit=20 with 100 and with 100,000 jobs in the table (needs local PostgreSQL).
 bench-pagination: install

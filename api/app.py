@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,11 +9,14 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import error_response, install_error_handlers
-from api.routes import files, fine_tuning, health, models
+from api.observability import RequestObservability
+from api.routes import evaluations, exports, files, fine_tuning, health, metrics, models, page, sweeps, webhooks
 from models.config import get_settings
 from models.errors import PayloadTooLarge
+from models.logs import configure_logging
 from models.storage import get_storage
 from worker.reconcile import ReconcilerThread
+from worker.webhooks import WebhookSenderThread
 
 # Room for the multipart boundaries and the form's other fields.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -48,13 +50,18 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     reconciler = ReconcilerThread() if get_settings().run_reconciler else None
     if reconciler:
         reconciler.start()
+    webhook_sender = WebhookSenderThread() if get_settings().run_webhook_sender else None
+    if webhook_sender:
+        webhook_sender.start()
     yield
     if reconciler:
         reconciler.stop()
+    if webhook_sender:
+        webhook_sender.stop()
 
 
 def create_app() -> FastAPI:
-    logging.basicConfig(level=logging.INFO)
+    configure_logging()
     get_storage().ensure()
     app = FastAPI(
         lifespan=lifespan,
@@ -63,7 +70,8 @@ def create_app() -> FastAPI:
         description="Self-hosted fine-tuning service with an OpenAI-compatible API.",
     )
     install_error_handlers(app)
-    for module in (health, files, fine_tuning, models):
+    for module in (health, files, fine_tuning, models, exports, evaluations, sweeps, webhooks, metrics, page):
         app.include_router(module.router)
     app.add_middleware(UploadLimit)
+    app.add_middleware(RequestObservability)
     return app

@@ -43,8 +43,36 @@ class Settings(BaseSettings):
         description="Redis redelivery timeout; above the longest job (the lease guards anyway).",
     )
     fine_tune_queue: str = Field("fine_tune", description="Celery queue that fine-tuning workers consume.")
+    export_cpu_queue: str | None = Field(
+        None, description="Celery queue of CPU export jobs; default: the fine-tune queue (any worker can build)."
+    )
+    export_cuda_queue: str = Field("export_cuda", description="Celery queue of CUDA export jobs (GPU workers).")
     trust_remote_code: bool = Field(False, description="Allow models whose code ships with their weights.")
     torch_threads: int | None = Field(None, description="Threads for CPU training; default: all cores.")
+
+    # Ecosystem (issue 7): maintenance queue, webhooks, live events, logs.
+    maintenance_queue: str = Field(
+        "maintenance", description="Celery queue of the beat's periodic tasks (reconciler, webhook deliveries)."
+    )
+    run_webhook_sender: bool = Field(
+        True, description="Send due webhook deliveries from inside each API process (the embedded deployment)."
+    )
+    webhook_interval_seconds: float = Field(5.0, description="How often due webhook deliveries are sent.")
+    webhook_allowed_hosts: str = Field(
+        "",
+        description="Comma-separated webhook destinations allowed even on internal networks: host names, "
+        "'*.example.com' wildcards, IP addresses or CIDR networks. Only these may use plain http.",
+    )
+    webhook_allow_public: bool = Field(
+        True, description="Allow https webhook URLs whose host resolves only to public (globally routable) addresses."
+    )
+    webhook_timeout_seconds: float = Field(10.0, description="Timeout of one webhook delivery attempt.")
+    webhook_max_attempts: int = Field(12, description="Attempts before a webhook delivery is marked failed.")
+    webhook_retry_base_seconds: float = Field(10.0, description="First retry delay; doubles after each failure.")
+    webhook_retry_max_seconds: float = Field(3600.0, description="Longest delay between two delivery attempts.")
+    sse_heartbeat_seconds: float = Field(15.0, description="Comment line sent on idle event streams this often.")
+    log_format: str = Field("json", description="Log lines as 'json' (one object per line) or 'text'.")
+    log_level: str = Field("INFO", description="Log level of the API and worker processes.")
 
 
 @lru_cache

@@ -20,8 +20,9 @@ from models.job_status import JobStatus
 
 log = logging.getLogger(__name__)
 
-TASK_FOR_KIND = {"fine_tune": "grove.fine_tune"}
+TASK_FOR_KIND = {"fine_tune": "grove.fine_tune", "export": "grove.export", "evaluation": "grove.evaluation"}
 RECONCILE_TASK = "grove.reconcile"
+WEBHOOKS_TASK = "grove.send_webhooks"
 
 
 def _transport_options(broker_url: str, visibility_timeout: int) -> dict:
@@ -50,10 +51,22 @@ def get_celery() -> Celery:
         task_default_queue=settings.fine_tune_queue,
         task_routes={
             TASK_FOR_KIND["fine_tune"]: {"queue": settings.fine_tune_queue},
-            RECONCILE_TASK: {"queue": settings.fine_tune_queue},
+            # The beat's periodic tasks go to a queue that a CPU worker serves, never behind a long job.
+            RECONCILE_TASK: {"queue": settings.maintenance_queue},
+            WEBHOOKS_TASK: {"queue": settings.maintenance_queue},
         },
         beat_schedule={
-            "reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval_seconds},
+            # A tick nobody took in time is dropped, not piled up: the next one does the same work.
+            "reconcile": {
+                "task": RECONCILE_TASK,
+                "schedule": settings.reconcile_interval_seconds,
+                "options": {"expires": settings.reconcile_interval_seconds},
+            },
+            "send-webhooks": {
+                "task": WEBHOOKS_TASK,
+                "schedule": settings.webhook_interval_seconds,
+                "options": {"expires": settings.webhook_interval_seconds},
+            },
         },
         worker_hijack_root_logger=False,
     )

@@ -10,7 +10,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.evaluation_spec import EvaluationSettings
+from models.export_spec import ExportOptions
+
 AUTO = "auto"
+# In a text_template, marks where the trained completion starts: "Text: {text}\nEmotion:<|completion|> {label}".
+COMPLETION_MARKER = "<|completion|>"
 
 
 class AdapterConfig(BaseModel):
@@ -18,9 +23,10 @@ class AdapterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["lora", "dora"] = Field(
+    type: Literal["lora", "qlora", "dora", "full"] = Field(
         "lora",
-        description="lora: low-rank adapter; dora: weight-decomposed low-rank adapter (peft use_dora).",
+        description="lora: low-rank adapter; qlora: LoRA on a 4-bit NF4 base (bitsandbytes); dora: "
+        "weight-decomposed low-rank adapter (peft use_dora); full: every weight of the model trains.",
     )
     r: int = Field(8, ge=1, le=256, description="LoRA rank. Capped per base model by its max_lora_rank.")
     alpha: int = Field(16, ge=1, le=1024, description="LoRA alpha; the update is scaled by alpha / r.")
@@ -28,7 +34,15 @@ class AdapterConfig(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Module names to adapt (e.g. ['q_proj','v_proj']) or 'all-linear' for every linear "
-        "layer except the output head.",
+        "layer except the output head. Ignored by type full.",
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained in full and saved with the adapter (e.g. ['lm_head']), besides the "
+        "low-rank ones. Ignored by type full.",
+    )
+    double_quant: bool = Field(
+        True, description="qlora only: also quantize the 4-bit quantization constants (bitsandbytes double quant)."
     )
 
 
@@ -48,17 +62,13 @@ class Hyperparameters(BaseModel):
     )
 
 
-class FineTuneSpec(BaseModel):
-    """Everything the worker needs to run one supervised fine-tune. Version 1."""
+class TrainingOptions(BaseModel):
+    """Grove's training settings beyond OpenAI's: accepted as-is by the create request (extension fields)
+    and stored in the spec."""
 
     model_config = ConfigDict(extra="forbid")
 
-    version: Literal[1] = Field(1, description="Schema version of this spec.")
-    model: str = Field(description="Base model name in the model store.")
-    training_file: str = Field(description="File id of the training JSONL.")
-    validation_file: str | None = Field(None, description="File id of the validation JSONL, if any.")
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Adapter type, rank and modules.")
     max_steps: int | None = Field(
         None, ge=1, le=1_000_000, description="Stop after this many optimizer steps; overrides n_epochs."
     )
@@ -70,13 +80,92 @@ class FineTuneSpec(BaseModel):
     )
     text_template: str | None = Field(
         None,
-        description="Python format string rendering files of arbitrary fields, e.g. '{text} -> {label}'. "
-        "Text before the first ' -> ' style separator is not marked; the whole text is trained on.",
+        max_length=4000,
+        description="Python format string rendering files of arbitrary fields, e.g. '{text} -> {label}'. The "
+        f"whole text is trained on, unless the template contains the marker {COMPLETION_MARKER!r}: then only "
+        "the text after it is (a prompt/completion example).",
     )
-    seed: int = Field(42, description="Seed for data order, adapter initialisation and dropout.")
     log_every_steps: int = Field(10, ge=1, description="Emit a metrics event every N optimizer steps.")
     eval_every_steps: int | None = Field(
         None, ge=1, description="Compute validation loss every N steps (default: at log steps and the end)."
+    )
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        AUTO,
+        description="Micro-batches per optimizer step (batch_size examples split evenly). auto: split by a "
+        "token budget that fits the device's memory.",
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning rate after warm-up: linear decay to 0, cosine decay to 0, or constant."
+    )
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Fraction of the steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1000.0, description="Gradient clipping norm; 0 turns it off.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        AUTO,
+        description="Recompute activations in the backward pass to save memory. auto: on only when the "
+        "estimated activations would not fit in the device's memory.",
+    )
+    mixed_precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        AUTO,
+        description="Compute dtype. auto: bf16 on a CUDA device that supports it, else fp32. bf16 on CPU keeps "
+        "the frozen base in bf16 (trainable weights stay fp32). fp16 needs CUDA.",
+    )
+    packing: bool = Field(
+        True,
+        description="Pack each batch's examples into rows of up to max_seq_len tokens, positions restarting "
+        "per example and no attention across examples, instead of padding every example to the longest.",
+    )
+    group_by_length: bool = Field(
+        False, description="Order each epoch so that batches hold examples of similar length (less padding)."
+    )
+    from_job: str | None = Field(
+        None, description="Continue from the adapter of this succeeded fine-tuning job (same base model)."
+    )
+    from_checkpoint: str | None = Field(
+        None, description="Continue from this checkpoint (ftckpt-...) of an earlier job (same base model)."
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Stop when the full validation loss, measured at each checkpoint, has not improved for "
+        "this many checkpoints. Needs a validation_file.",
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0.0, description="Smallest decrease of the validation loss that counts as an improvement."
+    )
+    result_adapter: Literal["best", "last"] = Field(
+        "best",
+        description="Which adapter the job publishes: the checkpoint with the lowest full validation loss "
+        "(best; the last one without a validation_file) or the one after the last step.",
+    )
+    save_every_steps: int | None = Field(
+        None, ge=1, description="Save a checkpoint every N steps, besides each epoch end and the last step."
+    )
+    keep_checkpoints: int = Field(
+        3, ge=1, le=100, description="Checkpoints kept (listed and downloadable): the last N plus the best."
+    )
+    merged_model: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="Also publish the base model with the adapter merged in (peft merge_and_unload), saved "
+        "in this dtype.",
+    )
+
+
+class FineTuneSpec(TrainingOptions):
+    """Everything the worker needs to run one supervised fine-tune. Version 1."""
+
+    version: Literal[1] = Field(1, description="Schema version of this spec.")
+    model: str = Field(description="Base model name in the model store.")
+    training_file: str = Field(description="File id of the training JSONL.")
+    validation_file: str | None = Field(None, description="File id of the validation JSONL, if any.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    seed: int = Field(42, description="Seed for data order, adapter initialisation and dropout.")
+    export: ExportOptions | None = Field(
+        None, description="Export the adapter to ONNX when the job succeeds, as a child export job."
+    )
+    evaluation: EvaluationSettings | None = Field(
+        None, description="Evaluate base model vs adapter on the validation file when the job succeeds (a child job)."
     )
 
 
@@ -107,3 +196,24 @@ def resolve_n_epochs(spec: FineTuneSpec, n_examples: int) -> int:
     if n_examples < 100:
         return 3
     return 2 if n_examples < 1000 else 1
+
+
+def resolve_gradient_accumulation(spec: FineTuneSpec, batch_size: int) -> int | None:
+    """Micro-batches per step, or None when a token budget decides (auto)."""
+    steps = spec.gradient_accumulation_steps
+    return None if steps == AUTO else min(int(steps), batch_size)
+
+
+def resolve_mixed_precision(spec: FineTuneSpec, cuda: bool, cuda_bf16: bool) -> str:
+    """bf16, fp16 or fp32 for the device at hand."""
+    if spec.mixed_precision != AUTO:
+        return spec.mixed_precision
+    return "bf16" if cuda and cuda_bf16 else "fp32"
+
+
+def split_template(template: str | None) -> tuple[str, str] | None:
+    """(prompt part, completion part) of a text_template with the completion marker, else None."""
+    if not template or COMPLETION_MARKER not in template:
+        return None
+    prompt, _, completion = template.partition(COMPLETION_MARKER)
+    return prompt, completion

@@ -5,5 +5,20 @@ from models.file import File
 from models.idempotency import IdempotencyKey
 from models.job import Checkpoint, Job, JobEvent
 from models.project import ApiKey, Project
+from models.webhook import WebhookDelivery, WebhookEndpoint, WebhookEvent
+from models.worker_heartbeat import WorkerHeartbeat
 
-__all__ = ["ApiKey", "Base", "Checkpoint", "File", "IdempotencyKey", "Job", "JobEvent", "Project"]
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Checkpoint",
+    "File",
+    "IdempotencyKey",
+    "Job",
+    "JobEvent",
+    "Project",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookEvent",
+    "WorkerHeartbeat",
+]

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from models.base import utcnow
 from models.job import Job, JobEvent
 from models.job_status import JobStatus, sources_of
+from models.webhook import record_job_outcome
 
 # The event type written when a job enters each state.
 STATUS_EVENT = {
@@ -99,6 +100,9 @@ def switch_job_status(
         session.expire(existing)
     level = "error" if to == JobStatus.failed else "info"
     add_event(session, job_id, STATUS_EVENT[to], message or _default_message(to, error), data, level)
+    if to.is_terminal:
+        # Webhook outbox rows, in this same transaction; worker/webhooks.py sends them later.
+        record_job_outcome(session, job_id, to)
     return True
 
 

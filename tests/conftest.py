@@ -39,6 +39,9 @@ os.environ.update(
         "GROVE_MODEL_STORE_DIR": str(MODEL_STORE),
         "GROVE_FINE_TUNE_QUEUE": f"grove-test-{RUN_ID}-inprocess",
         "GROVE_RUN_RECONCILER": "false",
+        # Webhooks: loopback receivers in tests are allowlisted; only live API processes send deliveries.
+        "GROVE_RUN_WEBHOOK_SENDER": "false",
+        "GROVE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -260,6 +263,10 @@ def live(database, tiny_model):
             "GROVE_RUN_RECONCILER": "true",
             "GROVE_RECONCILE_INTERVAL_SECONDS": "2",
             "GROVE_LEASE_SECONDS": "10",
+            "GROVE_RUN_WEBHOOK_SENDER": "true",
+            "GROVE_WEBHOOK_INTERVAL_SECONDS": "0.5",
+            "GROVE_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
+            "GROVE_SSE_HEARTBEAT_SECONDS": "1",
         },
     ).start()
     yield stack

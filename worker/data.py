@@ -7,20 +7,36 @@ tokens before it (the loss shifts by one), and IGNORE_INDEX marks tokens that ar
   turn's end token (e.g. `<|im_end|>`). The role header (the generation prompt) and everything else is
   context. Message boundaries come from rendering prefixes of the conversation with the chat template.
 - prompt/completion: loss on the completion tokens and a final EOS.
-- text: loss on the whole text and a final EOS.
+- text: loss on the whole text and a final EOS. A text_template with the completion marker
+  (models.specs.COMPLETION_MARKER) gives prompt/completion examples instead (read_training_examples).
 
 Examples longer than max_seq_len are cut at max_seq_len and counted; an example left with no trained token
 (every assistant turn weighted 0, or cut off) is skipped and counted.
+
+Encoding (encode_examples) is kept apart from cutting (finalize), so that a file's encoding can be cached by
+its content hash, template and tokenizer (encode_cached) and serve any max_seq_len. Batches are padded
+(collate) or packed: several examples per row, positions restarting, a block-diagonal causal mask
+(pack_rows, collate_packed).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from models.datasets import ChatExample, Example, PromptCompletionExample, TextExample
+from models.datasets import ChatExample, Example, PromptCompletionExample, TextExample, read_examples
+from models.specs import split_template
 
 IGNORE_INDEX = -100
+# Bump when the encoding of examples changes: cached encodings of older versions are then ignored.
+DATA_CACHE_VERSION = 1
 
 
 @dataclass
@@ -144,11 +160,17 @@ def _encode(example: Example, tokenizer, prefix: list[int]) -> tuple[list[int], 
     return context + target, [IGNORE_INDEX] * len(context) + target
 
 
-def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int) -> TokenizedData:
-    data = TokenizedData(n_examples=len(examples))
+def encode_examples(examples: Sequence[Example], tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each example, whole (not yet cut to any max_seq_len)."""
     prefix = _special_prefix(tokenizer)
-    for example in examples:
-        input_ids, labels = _encode(example, tokenizer, prefix)
+    return [_encode(example, tokenizer, prefix) for example in examples]
+
+
+def finalize(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], max_seq_len: int) -> TokenizedData:
+    """Cut encoded examples to max_seq_len (counted), never train on a first token, drop untrainable ones."""
+    data = TokenizedData(n_examples=len(encoded))
+    for ids, labs in encoded:
+        input_ids, labels = list(ids), list(labs)
         if len(input_ids) > max_seq_len:
             input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
             data.n_truncated += 1
@@ -162,6 +184,157 @@ def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int) -> T
         data.n_tokens += len(input_ids)
         data.n_trainable_tokens += n_trainable
     return data
+
+
+def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int) -> TokenizedData:
+    return finalize(encode_examples(examples, tokenizer), max_seq_len)
+
+
+# --- reading a file for training, and the tokenization cache ---------------------------------------------
+
+
+def read_training_examples(path: Path, text_template: str | None) -> list[Example]:
+    """The file's examples. A text_template with the completion marker gives prompt/completion examples:
+    the text before the marker is context, the text after it is trained on."""
+    parts = split_template(text_template)
+    if parts is None:
+        return read_examples(path, text_template)
+    prompts = read_examples(path, parts[0])
+    completions = read_examples(path, parts[1])
+    return [
+        PromptCompletionExample(prompt=p.text, completion=c.text) for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".data", ".msgpack", ".h5")
+
+
+def tokenizer_fingerprint(model_dir: Path) -> str:
+    """Hash of a model directory's small files (tokenizer, chat template, config), not its weights."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != "grove-model.json":
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def cache_key(file_sha256: str, text_template: str | None, tokenizer_hash: str) -> str:
+    """Identifies one file's encoding: its content, how it is rendered, and the tokenizer."""
+    material = json.dumps([DATA_CACHE_VERSION, file_sha256, text_template, tokenizer_hash])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def load_cached(cache_dir: Path, key: str) -> list[tuple[list[int], list[int]]] | None:
+    import numpy as np
+
+    path = cache_dir / f"{key}.npz"
+    try:
+        with np.load(path) as saved:
+            ids, labels, lengths = saved["input_ids"], saved["labels"], saved["lengths"]
+    except (OSError, KeyError, ValueError):
+        return None  # absent, or unreadable (written by another version): encode again
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    ids_list, labels_list = ids.tolist(), labels.tolist()
+    return [(ids_list[a:b], labels_list[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def store_cached(cache_dir: Path, key: str, encoded: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Path:
+    """Write atomically: a reader sees the whole file or none."""
+    import numpy as np
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
+    flat_ids = np.fromiter((t for ids, _ in encoded for t in ids), dtype=np.int32, count=int(lengths.sum()))
+    flat_labels = np.fromiter((t for _, labs in encoded for t in labs), dtype=np.int32, count=int(lengths.sum()))
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, input_ids=flat_ids, labels=flat_labels, lengths=lengths)
+        os.replace(tmp, cache_dir / f"{key}.npz")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return cache_dir / f"{key}.npz"
+
+
+def encode_cached(
+    load: Callable[[], Sequence[Example]], tokenizer, cache_dir: Path | None, key: str | None
+) -> tuple[list[tuple[list[int], list[int]]], bool]:
+    """(encoded examples, whether they came from the cache). `load` is called only on a miss."""
+    if cache_dir is not None and key is not None:
+        cached = load_cached(cache_dir, key)
+        if cached is not None:
+            return cached, True
+    encoded = encode_examples(load(), tokenizer)
+    if cache_dir is not None and key is not None:
+        store_cached(cache_dir, key, encoded)
+    return encoded, False
+
+
+# --- batching ----------------------------------------------------------------------------------------------
+
+
+def pack_rows(rows: Sequence[dict], capacity: int) -> list[list[dict]]:
+    """Rows grouped into as few bins of at most `capacity` tokens as a balanced split allows.
+
+    The bins are filled longest row first, each into the emptiest bin (so they end up about equally long,
+    and the batch they form needs little padding); with k = ceil(tokens / capacity) bins to start with, and
+    one more whenever a row does not fit. A row longer than `capacity` gets a bin of its own.
+    """
+    lengths = [len(row["input_ids"]) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
+    n_bins = max(1, math.ceil(sum(min(n, capacity) for n in lengths) / capacity))
+    while True:
+        bins: list[list[int]] = [[] for _ in range(n_bins)]
+        load = [0] * n_bins
+        for i in order:
+            b = min(range(n_bins), key=lambda j: (load[j], j))
+            if load[b] and load[b] + lengths[i] > capacity:
+                break
+            bins[b].append(i)
+            load[b] += lengths[i]
+        else:
+            return [[rows[i] for i in b] for b in bins if b]
+        n_bins += 1
+
+
+def collate_packed(bins: Sequence[Sequence[dict]], pad_token_id: int) -> dict[str, Any]:
+    """One sequence per bin: its rows back to back, right-padded to the longest bin.
+
+    position_ids restart at 0 for every row, and `attention_mask` is a 4-D boolean mask (batch, 1, query,
+    key) that lets a token see only earlier tokens of its own row, so packed examples never attend to
+    each other. Padding forms a segment of its own. Also returns `n_real` (tokens that are not padding).
+    """
+    import torch
+
+    length = max(sum(len(row["input_ids"]) for row in rows) for rows in bins)
+    input_ids = torch.full((len(bins), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(bins), length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), length), dtype=torch.long)
+    segments = torch.zeros((len(bins), length), dtype=torch.long)
+    n_real = 0
+    for b, rows in enumerate(bins):
+        at = 0
+        for s, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[b, at : at + n] = torch.tensor(row["input_ids"], dtype=torch.long)
+            labels[b, at : at + n] = torch.tensor(row["labels"], dtype=torch.long)
+            position_ids[b, at : at + n] = torch.arange(n)
+            segments[b, at : at + n] = s
+            at += n
+        n_real += at
+        position_ids[b, at:] = torch.arange(length - at)
+        segments[b, at:] = len(rows)
+    causal = torch.ones((length, length), dtype=torch.bool).tril()
+    mask = (segments[:, :, None] == segments[:, None, :]) & causal
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "attention_mask": mask[:, None],
+        "n_real": n_real,
+    }
 
 
 def collate(rows: list[dict], pad_token_id: int) -> dict[str, Any]:

@@ -2,6 +2,11 @@
 
 Runs under a held lease (worker/lease.py). Every write is conditioned on that lease, so a worker that
 lost its job (the reconciler gave it to another) cannot overwrite the new owner's progress.
+
+The job's work directory (`settings.work_dir/<job id>`, a shared volume in production) outlives a dead
+worker: it holds the checkpoints a requeued job resumes from. It is removed once the job is finished
+(succeeded, failed or cancelled), never by a worker that lost the lease. Tokenized files are cached in
+`settings.work_dir/token-cache`, keyed by file content, template and tokenizer.
 """
 
 from __future__ import annotations
@@ -11,30 +16,55 @@ import json
 import logging
 import shutil
 import tarfile
-import time
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select, update
 
-from models.base import utcnow
+from models.base import unix, utcnow
 from models.config import get_settings
-from models.datasets import read_examples
 from models.db import session_scope
 from models.errors import InvalidRequest
+from models.evaluation_spec import enqueue_follow_up
+from models.export_spec import create_chained_export
 from models.file import File
 from models.job import Checkpoint, Job
 from models.job_status import JobStatus
 from models.model_store import resolve_model
 from models.results import publish_file
 from models.specs import FineTuneSpec
-from models.storage import get_storage
+from models.storage import delete_after_commit, get_storage
 from models.transitions import add_event, switch_job_status
 from worker.lease import Lease
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ["step", "train_loss", "valid_loss", "learning_rate", "tokens_per_second", "trained_tokens"]
+# The first six are the original columns; later ones were added after them.
+METRIC_COLUMNS = [
+    "step",
+    "train_loss",
+    "valid_loss",
+    "learning_rate",
+    "tokens_per_second",
+    "trained_tokens",
+    "epoch",
+    "full_valid_loss",
+    "train_mean_token_accuracy",
+    "valid_mean_token_accuracy",
+    "padding_fraction",
+    "peak_memory_mb",
+]
+TENSORBOARD_TAGS = {
+    "train_loss": "loss/train",
+    "valid_loss": "loss/valid",
+    "full_valid_loss": "loss/full_valid",
+    "learning_rate": "learning_rate",
+    "tokens_per_second": "throughput/tokens_per_second",
+    "train_mean_token_accuracy": "accuracy/train",
+    "valid_mean_token_accuracy": "accuracy/valid",
+    "padding_fraction": "padding_fraction",
+    "peak_memory_mb": "memory/peak_mb",
+}
 
 
 class JobProgress:
@@ -44,52 +74,60 @@ class JobProgress:
         self.job_id = job.id
         self.project_id = job.project_id
         self.model = job.model
+        self.adapter = job.spec.get("adapter")
         self.lease = lease
         self.work_dir = work_dir
-        self.started = time.monotonic()
 
-    def _update_job(self, session, **values) -> None:
-        session.execute(
+    def _update_job(self, session, **values) -> bool:
+        """Write `values` (or nothing) if this worker still holds the lease; the row stays locked until commit."""
+        values = values or {"step": Job.step}
+        result = session.execute(
             update(Job)
             .where(Job.id == self.job_id, Job.lease_owner == self.lease.owner)
             .values(**values)
             .execution_options(synchronize_session=False)
         )
+        return result.rowcount == 1
 
     def on_start(self, total_steps: int, stats: dict) -> None:
+        resumed = stats.get("resumed_from_step")
         with session_scope() as session:
-            self._update_job(
-                session,
-                total_steps=total_steps,
-                step=0,
-                trained_tokens=0,
-                hyperparameters={
+            values = {
+                "total_steps": total_steps,
+                "hyperparameters": {
                     "n_epochs": stats.get("n_epochs"),
                     "batch_size": stats.get("batch_size"),
                     "learning_rate_multiplier": stats.get("learning_rate_multiplier", 1.0),
                     "learning_rate": stats.get("learning_rate"),
+                    "gradient_accumulation_steps": stats.get("gradient_accumulation_steps"),
                 },
-            )
+            }
+            if resumed is None:
+                values |= {"step": 0, "trained_tokens": 0}
+            else:
+                values["step"] = resumed
+            self._update_job(session, **values)
             add_event(
                 session,
                 self.job_id,
                 "info",
                 f"Training on {stats.get('n_examples')} examples for {total_steps} steps "
-                f"on {stats.get('device', 'cpu')}.",
+                f"on {stats.get('device', 'cpu')} ({stats.get('mixed_precision')}, "
+                f"{stats.get('adapter_type')}; tokenization cache {stats.get('tokenization_cache')}).",
                 data=stats,
             )
             truncated = stats.get("n_truncated") or 0
-            if truncated:
+            if truncated and resumed is None:
                 add_event(
                     session,
                     self.job_id,
                     "warning",
                     f"{truncated} training examples were longer than max_seq_len and were truncated.",
-                    data={"n_truncated": truncated},
+                    data={"n_truncated": truncated, "max_seq_len": stats.get("max_seq_len")},
                     level="warning",
                 )
             skipped = stats.get("n_skipped") or 0
-            if skipped:
+            if skipped and resumed is None:
                 add_event(
                     session,
                     self.job_id,
@@ -101,45 +139,92 @@ class JobProgress:
                 )
 
     def on_metrics(self, step: int, total_steps: int, metrics: dict) -> None:
-        elapsed = time.monotonic() - self.started
-        remaining = elapsed / step * (total_steps - step) if step else None
+        eta = metrics.get("eta_seconds")
+        finish = utcnow() + timedelta(seconds=eta) if eta is not None else None
         data = {"step": step, "total_steps": total_steps} | {k: v for k, v in metrics.items() if v is not None}
+        if finish is not None:
+            data["estimated_finish"] = unix(finish)
         parts = [f"Step {step}/{total_steps}"]
         if metrics.get("train_loss") is not None:
             parts.append(f"training loss={metrics['train_loss']:.4f}")
         if metrics.get("valid_loss") is not None:
             parts.append(f"validation loss={metrics['valid_loss']:.4f}")
+        if metrics.get("tokens_per_second"):
+            parts.append(f"{metrics['tokens_per_second']:.0f} tokens/s")
         with session_scope() as session:
-            self._update_job(
-                session,
-                step=step,
-                trained_tokens=metrics.get("trained_tokens"),
-                estimated_finish=utcnow() + timedelta(seconds=remaining) if remaining is not None else None,
-            )
-            add_event(session, self.job_id, "metrics", ", ".join(parts), data=data)
+            if self._update_job(
+                session, step=step, trained_tokens=metrics.get("trained_tokens"), estimated_finish=finish
+            ):
+                add_event(session, self.job_id, "metrics", ", ".join(parts), data=data)
 
-    def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
-        archive = pack_adapter(
-            path,
-            self.work_dir / f"checkpoint-{step}.tar",
-            {"job_id": self.job_id, "base_model": self.model, "step": step},
-        )
+    def on_checkpoint(self, step: int, path: Path, metrics: dict, kept: list[int]) -> None:
+        """Publish the checkpoint (once, even if called again after a resume) and drop pruned ones."""
+        archive = None
+        try:
+            with session_scope() as session:
+                # Holding the lease is checked, and the job row locked, in this very transaction.
+                if not self._update_job(session, step=step):
+                    return
+                known = session.scalar(
+                    select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
+                )
+                if known is None and path.is_dir():
+                    archive = pack_adapter(
+                        path,
+                        self.work_dir / f"checkpoint-{step}.tar",
+                        {"job_id": self.job_id, "base_model": self.model, "adapter": self.adapter, "step": step},
+                    )
+                    file = publish_file(
+                        session,
+                        self.project_id,
+                        archive,
+                        f"{self.job_id}-step-{step}-checkpoint.tar",
+                        job_id=self.job_id,
+                    )
+                    session.add(Checkpoint(job_id=self.job_id, step=step, metrics=metrics, file_id=file.id))
+                    add_event(
+                        session,
+                        self.job_id,
+                        "checkpoint",
+                        f"Checkpoint saved at step {step}.",
+                        data={"step": step, "file_id": file.id} | _plain(metrics),
+                    )
+                elif known is not None and metrics.get("is_best") is not None:
+                    known.metrics = (known.metrics or {}) | {"is_best": metrics["is_best"]}
+                for old in session.scalars(
+                    select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step.not_in(kept))
+                ):
+                    _delete_checkpoint(session, old)
+                # Only the best checkpoint carries is_best.
+                for other in session.scalars(
+                    select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step != step)
+                ):
+                    if metrics.get("is_best") and (other.metrics or {}).get("is_best"):
+                        other.metrics = other.metrics | {"is_best": False}
+        finally:
+            if archive is not None:
+                archive.unlink(missing_ok=True)
+
+    def on_event(self, type: str, message: str, data: dict) -> None:
         with session_scope() as session:
-            file = publish_file(
-                session, self.project_id, archive, f"{self.job_id}-step-{step}-adapter.tar", job_id=self.job_id
-            )
-            session.add(Checkpoint(job_id=self.job_id, step=step, metrics={"step": step} | metrics, file_id=file.id))
-            add_event(
-                session,
-                self.job_id,
-                "checkpoint",
-                f"Checkpoint saved at step {step}.",
-                data={"step": step, "file_id": file.id},
-            )
-        archive.unlink(missing_ok=True)
+            if self._update_job(session):
+                add_event(session, self.job_id, type, message, data=data)
 
     def should_stop(self) -> bool:
         return self.lease.should_stop
+
+
+def _plain(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if v is not None and k != "step"}
+
+
+def _delete_checkpoint(session, checkpoint: Checkpoint) -> None:
+    if checkpoint.file_id:
+        file = session.get(File, checkpoint.file_id)
+        if file is not None:
+            delete_after_commit(session, file.storage_key)
+            session.delete(file)
+    session.delete(checkpoint)
 
 
 def pack_adapter(adapter_dir: Path, archive: Path, manifest: dict) -> Path:
@@ -153,6 +238,14 @@ def pack_adapter(adapter_dir: Path, archive: Path, manifest: dict) -> Path:
     return archive
 
 
+def pack_dir(directory: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w") as tar:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(directory)))
+    return archive
+
+
 def write_metrics_csv(rows: list[dict], path: Path) -> Path:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
@@ -162,7 +255,47 @@ def write_metrics_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def _dataset_path(session, job: Job, file_id: str | None, param: str) -> Path | None:
+def plot_losses(rows: list[dict], path: Path, title: str) -> Path:
+    """Training and validation loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.add_subplot()
+    for key, label, style in [
+        ("train_loss", "training loss", "-"),
+        ("valid_loss", "validation loss (sample)", "--"),
+        ("full_valid_loss", "validation loss (full)", "o"),
+    ]:
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            axes.plot(*zip(*points, strict=True), style, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def write_tensorboard(rows: list[dict], directory: Path) -> Path:
+    """One TensorBoard event file of the logged scalars (`tensorboard --logdir` reads it)."""
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(directory)) as writer:
+        for row in rows:
+            for key, tag in TENSORBOARD_TAGS.items():
+                if isinstance(row.get(key), int | float):
+                    writer.add_scalar(tag, row[key], int(row["step"]))
+    return directory
+
+
+def _dataset_file(session, job: Job, file_id: str | None, param: str) -> tuple[Path, str] | None:
     if file_id is None:
         return None
     file = session.scalar(select(File).where(File.id == file_id, File.project_id == job.project_id))
@@ -170,81 +303,177 @@ def _dataset_path(session, job: Job, file_id: str | None, param: str) -> Path | 
         raise InvalidRequest(
             f"The {param} {file_id} was deleted before the job ran.", param=param, code="file_not_found"
         )
+    return get_storage().path_of(file.storage_key), file.sha256
+
+
+def _init_archive(session, job: Job, spec: FineTuneSpec) -> Path | None:
+    """The adapter archive a job continues from (from_job's result or from_checkpoint's file)."""
+    if spec.from_checkpoint:
+        checkpoint = session.scalar(
+            select(Checkpoint)
+            .join(Job, Job.id == Checkpoint.job_id)
+            .where(Checkpoint.id == spec.from_checkpoint, Job.project_id == job.project_id)
+        )
+        file_id, param = (checkpoint.file_id if checkpoint else None), "from_checkpoint"
+    elif spec.from_job:
+        source = session.scalar(select(Job).where(Job.id == spec.from_job, Job.project_id == job.project_id))
+        file_id, param = (source.result_files[0] if source and source.result_files else None), "from_job"
+    else:
+        return None
+    file = session.get(File, file_id) if file_id else None
+    if file is None:
+        raise InvalidRequest(
+            f"The adapter of {param}={getattr(spec, param)} was deleted before the job ran.",
+            param=param,
+            code="file_not_found",
+        )
     return get_storage().path_of(file.storage_key)
 
 
 def run(job_id: str, lease: Lease) -> None:
     # Heavy imports stay here so that the API and the reconciler never load torch.
-    from worker.train import train_adapter
+    from worker.data import cache_key, read_training_examples, tokenizer_fingerprint
+    from worker.train import DataSource, merge_model, train_adapter
 
     with session_scope() as session:
         job = session.get(Job, job_id)
         session.expunge(job)
         spec = FineTuneSpec.model_validate(job.spec)
-        training_path = _dataset_path(session, job, spec.training_file, "training_file")
-        validation_path = _dataset_path(session, job, spec.validation_file, "validation_file")
+        training = _dataset_file(session, job, spec.training_file, "training_file")
+        validation = _dataset_file(session, job, spec.validation_file, "validation_file")
+        init_archive = _init_archive(session, job, spec)
 
     base = resolve_model(spec.model)
-    work_dir = get_settings().work_dir.resolve() / job.id
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
+    settings = get_settings()
+    work_root = settings.work_dir.resolve()
+    work_dir = work_root / job.id
+    # Not wiped: checkpoints of an earlier attempt of this job (its worker died) are resumed from.
+    work_dir.mkdir(parents=True, exist_ok=True)
+    keep_work_dir = False
     try:
-        train_examples = read_examples(training_path, spec.text_template)
-        valid_examples = read_examples(validation_path, spec.text_template) if validation_path else None
+        init_dir = None
+        if init_archive is not None:
+            init_dir = work_dir / "init"
+            shutil.rmtree(init_dir, ignore_errors=True)
+            init_dir.mkdir()
+            with tarfile.open(init_archive) as tar:
+                tar.extractall(init_dir, filter="data")
+        fingerprint = tokenizer_fingerprint(base.path)
+
+        def source(found: tuple[Path, str] | None) -> DataSource | None:
+            if found is None:
+                return None
+            path, sha256 = found
+            return DataSource(
+                load=lambda: read_training_examples(path, spec.text_template),
+                cache_key=cache_key(sha256, spec.text_template, fingerprint),
+            )
+
         progress = JobProgress(job, lease, work_dir)
-        outcome = train_adapter(spec, base.path, train_examples, valid_examples, work_dir / "train", progress)
+        outcome = train_adapter(
+            spec,
+            base.path,
+            source(training),
+            source(validation),
+            work_dir / "train",
+            progress,
+            init_dir=init_dir,
+            cache_dir=work_root / "token-cache",
+        )
         if outcome.stopped:
+            if lease.lost.is_set():
+                keep_work_dir = True  # the job is another worker's now, and so is this directory
+                return
             _finish_stopped(job, lease, outcome.steps)
             return
-        adapter_tar = pack_adapter(
-            outcome.adapter_dir,
-            work_dir / "adapter.tar",
-            {
-                "job_id": job.id,
-                "base_model": job.model,
-                "adapter": spec.adapter.model_dump(mode="json"),
-                "steps": outcome.steps,
-                "trained_tokens": outcome.trained_tokens,
-            },
-        )
-        metrics_csv = write_metrics_csv(outcome.metrics_rows, work_dir / "metrics.csv")
-        _publish_and_succeed(job, lease, adapter_tar, metrics_csv, outcome)
+        manifest = {
+            "job_id": job.id,
+            "base_model": job.model,
+            "adapter": spec.adapter.model_dump(mode="json"),
+            "steps": outcome.steps,
+            "result_step": outcome.result_step,
+            "trained_tokens": outcome.trained_tokens,
+        }
+        artifacts = [
+            (pack_adapter(outcome.adapter_dir, work_dir / "adapter.tar", manifest), f"{job.id}-adapter.tar"),
+            (write_metrics_csv(outcome.metrics_rows, work_dir / "metrics.csv"), f"{job.id}-metrics.csv"),
+            (plot_losses(outcome.metrics_rows, work_dir / "loss.png", f"{job.id} ({job.model})"), f"{job.id}-loss.png"),
+            (
+                pack_dir(write_tensorboard(outcome.metrics_rows, work_dir / "tensorboard"), work_dir / "tb.tar"),
+                f"{job.id}-tensorboard.tar",
+            ),
+        ]
+        if spec.merged_model:
+            merged = merge_model(
+                base.path, outcome.adapter_dir, spec.adapter.type, spec.merged_model, work_dir / "merged"
+            )
+            artifacts.append((pack_dir(merged, work_dir / "merged.tar"), f"{job.id}-merged-{spec.merged_model}.tar"))
+        _publish_and_succeed(job, lease, artifacts, outcome)
+    except BaseException:
+        keep_work_dir = lease.lost.is_set()
+        raise
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if not keep_work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _publish_and_succeed(job: Job, lease: Lease, adapter_tar: Path, metrics_csv: Path, outcome) -> None:
+def _publish_and_succeed(job: Job, lease: Lease, artifacts: list[tuple[Path, str]], outcome) -> None:
     # One transaction: the result files, the job's pointers to them and `succeeded` land together,
     # or (lease lost, cancel won the race) none of them does and the copies are removed.
     with session_scope() as session:
-        adapter = publish_file(session, job.project_id, adapter_tar, f"{job.id}-adapter.tar", job_id=job.id)
-        metrics = publish_file(session, job.project_id, metrics_csv, f"{job.id}-metrics.csv", job_id=job.id)
+        files = [publish_file(session, job.project_id, path, name, job_id=job.id) for path, name in artifacts]
+        adapter = files[0]
+        names = ["adapter", "metrics", "loss_plot", "tensorboard", "merged_model"]
+        summary = {
+            "files": {name: file.id for name, file in zip(names, files, strict=False)},
+            "result_step": outcome.result_step,
+            "steps": outcome.steps,
+            "best_step": outcome.best_step,
+            "best_valid_loss": outcome.best_valid_loss,
+            "early_stopped": outcome.early_stopped,
+            "resumed_from_step": outcome.resumed_from,
+            "train_loss": outcome.train_loss,
+            "valid_loss": outcome.valid_loss,
+        }
         session.execute(
             update(Job)
             .where(Job.id == job.id, Job.lease_owner == lease.owner)
             .values(
-                result_files=[adapter.id, metrics.id],
+                result_files=[f.id for f in files],
                 fine_tuned_model=f"{job.model}:ft:{job.id}",
                 trained_tokens=outcome.trained_tokens,
                 step=outcome.steps,
                 estimated_finish=None,
+                result=summary,
             )
             .execution_options(synchronize_session=False)
         )
+        message = None
+        if outcome.early_stopped:
+            message = (
+                f"The job stopped early at step {outcome.steps} of {outcome.total_steps}; "
+                f"the result is the best checkpoint (step {outcome.result_step})."
+            )
         succeeded = switch_job_status(
             session,
             job.id,
             JobStatus.succeeded,
             only_from={JobStatus.running},
             lease_owner=lease.owner,
+            message=message,
             data={
                 "trained_tokens": outcome.trained_tokens,
                 "train_loss": outcome.train_loss,
                 "valid_loss": outcome.valid_loss,
-                "result_files": [adapter.id, metrics.id],
+                "result_files": [f.id for f in files],
+                "result_step": outcome.result_step,
             },
         )
-        if not succeeded:
+        if succeeded:
+            create_chained_export(session, job, adapter)
+            if job.spec.get("evaluation"):
+                enqueue_follow_up(session, job, adapter.id)
+        else:
             session.rollback()
     if not succeeded:
         # A cancel arrived while publishing: honour it.

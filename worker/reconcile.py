@@ -5,6 +5,7 @@
   so an extra message is harmless.
 - A running job whose lease expired (its worker died) goes back to queued and is published again;
   a cancelling one whose worker died is simply cancelled.
+- Sweeps hold no worker and are never published: each pass advances them (worker/sweep.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from models.db import session_scope
 from models.job import Job
 from models.job_status import JobStatus
 from models.queue import publish_job
+from models.sweep_spec import SWEEP_KIND
 from models.transitions import switch_job_status
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,13 @@ log = logging.getLogger(__name__)
 def reconcile_once() -> dict[str, int]:
     settings = get_settings()
     now = utcnow()
-    counts = {"requeued": 0, "cancelled": 0, "republished": 0}
+    counts = {"requeued": 0, "cancelled": 0, "republished": 0, "sweeps": 0}
     with session_scope() as session:
         expired = session.execute(
             select(Job.id, Job.status).where(
-                Job.status.in_([JobStatus.running, JobStatus.cancelling]), Job.lease_expires_at < now
+                Job.status.in_([JobStatus.running, JobStatus.cancelling]),
+                Job.lease_expires_at < now,
+                Job.kind != SWEEP_KIND,
             )
         ).all()
         for job_id, status in expired:
@@ -55,6 +59,11 @@ def reconcile_once() -> dict[str, int]:
             ):
                 counts["requeued"] += 1
 
+    # Sweeps: report their trials to optuna, prune, start new trials (dispatched after commit), finish.
+    from worker.sweep import advance_sweeps
+
+    counts["sweeps"] = advance_sweeps()
+
     stale = now - timedelta(seconds=settings.redispatch_after_seconds)
     # A message published less than a few seconds ago may simply not be claimed yet.
     grace = now - timedelta(seconds=5)
@@ -63,6 +72,7 @@ def reconcile_once() -> dict[str, int]:
             select(Job.id, Job.kind, Job.queue)
             .where(
                 Job.status == JobStatus.queued,
+                Job.kind != SWEEP_KIND,
                 Job.created_at < grace,
                 or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale),
             )

@@ -6,6 +6,7 @@ A task receives only the job id and is idempotent: a second delivery finds the j
 
 from __future__ import annotations
 
+import errno
 import logging
 import traceback
 
@@ -14,13 +15,13 @@ from models.errors import GroveError
 from models.job_status import JobStatus
 from models.queue import TASK_FOR_KIND, get_celery
 from models.transitions import switch_job_status
-from worker import fine_tune
+from worker import evaluate, export, fine_tune
 from worker.lease import Lease, claim
 
 log = logging.getLogger(__name__)
 app = get_celery()
 
-STAGES = {"fine_tune": fine_tune.run}
+STAGES = {"fine_tune": fine_tune.run, "export": export.run, "evaluation": evaluate.run}
 
 
 def classify_failure(exc: BaseException) -> dict:
@@ -31,6 +32,13 @@ def classify_failure(exc: BaseException) -> dict:
             "message": exc.message,
             "param": exc.param,
             "type": "user_error",
+        }
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return {
+            "code": "storage_full",
+            "message": f"The worker ran out of disk space while writing {exc.filename or 'a file'}.",
+            "param": None,
+            "type": "system_error",
         }
     if isinstance(exc, MemoryError) or exc.__class__.__name__ == "OutOfMemoryError":
         return {
@@ -79,3 +87,13 @@ def _fail(job_id: str, lease: Lease, error: dict) -> None:
 @app.task(name=TASK_FOR_KIND["fine_tune"], acks_late=True, reject_on_worker_lost=True)
 def run_fine_tune(job_id: str) -> str:
     return run_job(job_id, "fine_tune")
+
+
+@app.task(name=TASK_FOR_KIND["export"], acks_late=True, reject_on_worker_lost=True)
+def run_export(job_id: str) -> str:
+    return run_job(job_id, "export")
+
+
+@app.task(name=TASK_FOR_KIND["evaluation"], acks_late=True, reject_on_worker_lost=True)
+def run_evaluation(job_id: str) -> str:
+    return run_job(job_id, "evaluation")

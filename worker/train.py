@@ -1,12 +1,19 @@
-"""Supervised fine-tuning of a LoRA/DoRA adapter on a prepared base model: a plain PyTorch loop.
+"""Supervised fine-tuning on a prepared base model: a plain PyTorch loop for lora, qlora, dora and full.
 
-One optimizer step takes `batch_size` examples (split into micro-batches by a token budget, gradients
-accumulated; the loss is the mean over every trained token of the batch, so micro-batching changes nothing).
-AdamW, no weight decay, gradient clipping at 1.0, linear warm-up over the first 3% of steps then linear decay.
+One optimizer step takes `batch_size` examples. They are packed into rows of at most max_seq_len tokens
+(positions restart per example, a block-diagonal causal mask keeps examples apart) or padded, and split into
+micro-batches (gradient_accumulation_steps, or a token budget that fits the device); the loss is the mean
+over every trained token of the step, so neither packing nor micro-batching changes the gradient. Logits are
+computed only at positions that carry loss (`logits_to_keep`). AdamW, clipping at max_grad_norm, warm-up then
+linear, cosine or constant learning rate.
 
-Validation: at every eval step (every `eval_every_steps`, else every log step) the loss over a fixed sample
-of at most VALID_SAMPLE_ROWS validation examples; at each epoch end and at the last step the loss over at most
-FULL_VALID_MAX_ROWS examples (`full_valid_loss`, also reported as `valid_loss` there).
+Validation: at every eval step the loss over a fixed sample of at most VALID_SAMPLE_ROWS validation examples;
+at each checkpoint (every save_every_steps, each epoch end, the last step) the loss over at most
+FULL_VALID_MAX_ROWS examples (`full_valid_loss`), which picks the best checkpoint and drives early stopping.
+
+Checkpoints live in `work_dir/checkpoints/step-N` (weights, optimizer, RNG states, data position, metrics so
+far); the last `keep_checkpoints` and the best are kept. A run whose work_dir holds a checkpoint resumes from
+the latest one and ends with the same weights an uninterrupted run would have.
 
 torch, transformers and peft are imported when training starts, so importing this module stays cheap.
 """
@@ -18,36 +25,48 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from models.datasets import DatasetError, Example
+from models.errors import InvalidRequest
 from models.specs import (
     BASE_LEARNING_RATE,
     FineTuneSpec,
     resolve_batch_size,
+    resolve_gradient_accumulation,
     resolve_learning_rate,
+    resolve_mixed_precision,
     resolve_n_epochs,
 )
-from worker.data import IGNORE_INDEX, TokenizedData, collate, tokenize_examples
+from worker.data import (
+    IGNORE_INDEX,
+    TokenizedData,
+    collate,
+    collate_packed,
+    encode_cached,
+    finalize,
+    pack_rows,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VALID_SAMPLE_ROWS = 64
 FULL_VALID_MAX_ROWS = 1000
-WARMUP_FRACTION = 0.03
-MAX_GRAD_NORM = 1.0
-# Padded tokens per micro-batch: bounds activation and logits memory (vocab-sized rows per trained token).
+# Padded tokens per micro-batch when gradient_accumulation_steps is auto: bounds activation memory.
 CPU_TOKEN_BUDGET = 4096
 CUDA_TOKEN_BUDGET = 16384
-MAX_CHECKPOINTS = 50
+MAX_EPOCH_CHECKPOINTS = 50  # epoch-end checkpoints of one run, at most about this many
 STOP_POLL_SECONDS = 1.0  # during evaluation, ask should_stop at most this often
+STATE_FILE = "training_state.pt"
+CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
 
 
 class TrainingHooks(Protocol):
@@ -55,9 +74,20 @@ class TrainingHooks(Protocol):
 
     def on_metrics(self, step: int, total_steps: int, metrics: dict) -> None: ...
 
-    def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None: ...
+    def on_checkpoint(self, step: int, path: Path, metrics: dict, kept: list[int]) -> None:
+        """A checkpoint was saved at `path`; `kept` lists every checkpoint step still kept (others pruned)."""
+
+    def on_event(self, type: str, message: str, data: dict) -> None: ...
 
     def should_stop(self) -> bool: ...
+
+
+@dataclass
+class DataSource:
+    """Examples to train or validate on, loaded only if the tokenization cache misses."""
+
+    load: Callable[[], Sequence[Example]]
+    cache_key: str | None = None  # worker.data.cache_key(file sha256, template, tokenizer)
 
 
 @dataclass
@@ -67,154 +97,146 @@ class TrainOutcome:
     total_steps: int
     trained_tokens: int  # non-padding tokens through the model in training steps
     train_loss: float | None  # at the last logged step
-    valid_loss: float | None  # at the end (None if stopped early or no validation data)
+    valid_loss: float | None  # full validation loss at the end (None if stopped or no validation data)
     metrics_rows: list[dict]  # one per logged step, as passed to on_metrics, plus "step"
-    adapter_dir: Path  # peft adapter (adapter_model.safetensors, adapter_config.json) + tokenizer
-    checkpoints: list[Path] = field(default_factory=list)
+    adapter_dir: Path  # the result: peft adapter (or full model) + tokenizer
+    checkpoints: list[Path] = field(default_factory=list)  # kept checkpoint directories
     stats: dict = field(default_factory=dict)  # as passed to on_start
+    early_stopped: bool = False
+    best_step: int | None = None  # checkpoint with the lowest full validation loss
+    best_valid_loss: float | None = None
+    result_step: int | None = None  # the step whose weights adapter_dir holds
+    resumed_from: int | None = None  # checkpoint step this run started from
 
 
 class _Stopped(Exception):
     pass
 
 
+# --- device, precision, memory ------------------------------------------------------------------------
+
+
 def _pick_device():
     import torch
 
     if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.device("cuda"), dtype
-    return torch.device("cpu"), torch.float32
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
-def _set_threads() -> None:
+SMALL_HIDDEN_SIZE = 256  # below this, one thread beats several: the matmuls are too small to split
+
+
+def _set_threads(config) -> int:
+    """Every core the process may use (GROVE_TORCH_THREADS overrides), but one for a model so small that
+    splitting its matmuls costs more than it gains (and suffers most when cores are shared)."""
     import torch
 
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cpus))
+    from models.config import get_settings
+
+    threads = get_settings().torch_threads
+    if not threads:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            threads = os.cpu_count() or 1
+        if getattr(config, "hidden_size", SMALL_HIDDEN_SIZE) < SMALL_HIDDEN_SIZE:
+            threads = 1
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
 
 
-def _lr_factor(step: int, total_steps: int) -> float:
+def _available_memory(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def peak_memory_mb(device) -> float:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def _activation_bytes(config, tokens: int, bytes_per_value: int) -> int:
+    """Rough size of what a decoder keeps for the backward pass of one micro-batch of `tokens` tokens."""
+    hidden = getattr(config, "hidden_size", 1024)
+    layers = getattr(config, "num_hidden_layers", 24)
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    return tokens * layers * (16 * hidden + 4 * intermediate) * bytes_per_value
+
+
+# --- schedule and data order ----------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total_steps: int, warmup_ratio: float, kind: str) -> float:
     """Multiplier on the peak learning rate for optimizer step `step` (1-based)."""
-    warmup = int(total_steps * WARMUP_FRACTION)
+    warmup = int(total_steps * warmup_ratio)
     i = step - 1
     if i < warmup:
         return (i + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (i - warmup) / max(1, total_steps - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
     return (total_steps - i) / (total_steps - warmup)
 
 
-def _micro_batches(rows: Sequence[dict], token_budget: int) -> Iterator[list[dict]]:
-    """Consecutive chunks whose padded size (rows x longest row) stays within the budget."""
-    chunk: list[dict] = []
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:
+    """The batches (row indices) of one epoch: a shuffle seeded by (seed, epoch), so any step's batch can be
+    found again after a restart. With `by_length`, rows are sorted by length within chunks of 50 batches and
+    the batches shuffled, so a batch holds rows of similar length."""
+    rng = random.Random(f"grove-{seed}-{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if by_length:
+        chunk = batch_size * 50
+        order = [i for s in range(0, len(order), chunk) for i in sorted(order[s : s + chunk], key=lambda j: lengths[j])]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if by_length:
+        rng.shuffle(batches)
+    return batches
+
+
+def micro_batches(
+    rows: Sequence[dict], packing: bool, capacity: int, accumulation: int | None, token_budget: int
+) -> list[list[list[dict]]]:
+    """A step's rows as micro-batches of bins (a bin is one sequence of the batch: one row, or several
+    packed). `accumulation` micro-batches of about equal example counts, else as few as the budget allows."""
+    if accumulation:
+        size = math.ceil(len(rows) / accumulation)
+        groups = [rows[s : s + size] for s in range(0, len(rows), size)]
+        return [pack_rows(g, capacity) if packing else [[r] for r in g] for g in groups]
+    bins = pack_rows(rows, capacity) if packing else [[r] for r in rows]
+    out: list[list[list[dict]]] = []
+    chunk: list[list[dict]] = []
     longest = 0
-    for row in rows:
-        n = len(row["input_ids"])
+    for b in bins:
+        n = sum(len(r["input_ids"]) for r in b)
         if chunk and max(longest, n) * (len(chunk) + 1) > token_budget:
-            yield chunk
+            out.append(chunk)
             chunk, longest = [], 0
-        chunk.append(row)
+        chunk.append(b)
         longest = max(longest, n)
     if chunk:
-        yield chunk
+        out.append(chunk)
+    return out
 
 
 def _n_targets(rows: Sequence[dict]) -> int:
     return sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
 
 
-def _epoch_batches(n_rows: int, batch_size: int, seed: int) -> Iterator[tuple[list[int], bool]]:
-    """Endless (row indices, ends an epoch) batches; each epoch is a fresh seeded shuffle."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(n_rows))
-        rng.shuffle(order)
-        for start in range(0, n_rows, batch_size):
-            yield order[start : start + batch_size], start + batch_size >= n_rows
-
-
-class _Trainer:
-    def __init__(self, model, device, dtype, pad_token_id: int, hooks: TrainingHooks):
-        import inspect
-
-        self.model = model
-        self.device = device
-        self.dtype = dtype
-        self.pad_token_id = pad_token_id
-        self.hooks = hooks
-        self.token_budget = CUDA_TOKEN_BUDGET if device.type == "cuda" else CPU_TOKEN_BUDGET
-        forward = model.get_base_model().forward
-        self.keep_logits_arg = "logits_to_keep" in inspect.signature(forward).parameters
-        self._last_poll = 0.0
-
-    def _autocast(self):
-        import torch
-
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
-
-    def loss_sums(self, rows: list[dict]):
-        """(summed token loss tensor, number of correct argmax predictions, non-padding tokens) of a batch."""
-        import torch
-        import torch.nn.functional as F
-
-        batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_token_id).items()}
-        labels = batch["labels"]
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
-        targets = labels[:, 1:][keep[:, :-1]]
-        kwargs: dict[str, Any] = {"logits_to_keep": keep} if self.keep_logits_arg else {}
-        with self._autocast():
-            logits = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs
-            ).logits
-        if logits.ndim == 3:  # the model ignored logits_to_keep, or it was not passed
-            logits = logits[keep]
-        logits = logits.float()
-        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-        correct = int((logits.detach().argmax(dim=-1) == targets).sum())
-        return loss_sum, correct, int(batch["attention_mask"].sum())
-
-    def train_step(self, rows: list[dict]) -> tuple[float, int, int, int]:
-        """Forward/backward over micro-batches; returns (summed loss, correct, targets, tokens)."""
-        n_targets = _n_targets(rows)
-        total_loss, total_correct, total_tokens = 0.0, 0, 0
-        for chunk in _micro_batches(rows, self.token_budget):
-            loss_sum, correct, tokens = self.loss_sums(chunk)
-            (loss_sum / n_targets).backward()
-            total_loss += float(loss_sum.detach())
-            total_correct += correct
-            total_tokens += tokens
-        return total_loss, total_correct, n_targets, total_tokens
-
-    def ask_stop(self) -> bool:
-        self._last_poll = time.monotonic()
-        return bool(self.hooks.should_stop())
-
-    def poll_stop(self) -> None:
-        if time.monotonic() - self._last_poll >= STOP_POLL_SECONDS and self.ask_stop():
-            raise _Stopped
-
-    def evaluate(self, rows: list[dict]) -> tuple[float, float]:
-        """(mean token loss, token accuracy) over rows; raises _Stopped if a stop is asked meanwhile."""
-        import torch
-
-        self.model.eval()
-        loss, correct, targets = 0.0, 0, 0
-        try:
-            with torch.no_grad():
-                for chunk in _micro_batches(rows, self.token_budget):
-                    self.poll_stop()
-                    loss_sum, n_correct, _ = self.loss_sums(chunk)
-                    loss += float(loss_sum)
-                    correct += n_correct
-                    targets += _n_targets(chunk)
-        finally:
-            self.model.train()
-        return loss / targets, correct / targets
+# --- the model ----------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -222,18 +244,206 @@ def _quiet_peft() -> Iterator[None]:
     with warnings.catch_warnings():
         # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` (FutureWarning).
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*")
         yield
 
 
-def _save_dir(model, dest: Path, tokenizer=None) -> Path:
-    """Save the adapter (and tokenizer) into a temporary sibling and rename it into place."""
+def _max_lora_rank(base_dir: Path) -> int | None:
+    info = base_dir / "grove-model.json"
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("max_lora_rank")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+@dataclass
+class _Setup:
+    model: Any
+    device: Any
+    precision: str  # bf16 | fp16 | fp32
+    autocast_dtype: Any  # None: no autocast
+    rank: int | None
+    is_peft: bool
+
+
+def _load_base(spec: FineTuneSpec, source: Path, device, precision: str, attn: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kind = spec.adapter.type
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "attn_implementation": attn}
+    if kind == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise InvalidRequest(
+                "adapter.type qlora needs the bitsandbytes package, which this worker lacks.", param="adapter.type"
+            ) from None
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.float32 if precision == "fp32" else _torch_dtype(precision)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=spec.adapter.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        return AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    # Frozen base weights may live in the compute dtype; trained weights stay fp32 (master weights).
+    frozen_half = kind in ("lora", "dora") and precision != "fp32"
+    kwargs["dtype"] = _torch_dtype(precision) if frozen_half else torch.float32
+    return AutoModelForCausalLM.from_pretrained(str(source), **kwargs).to(device)
+
+
+FP32_ATTENTION = "grove_sdpa_fp32"
+
+
+def attention_for(device, precision: str) -> str:
+    """sdpa, except on CPU in bf16: there attention runs in fp32 (measured faster on these CPUs' kernels, and
+    more accurate), while the matmuls of the linear layers stay bf16."""
+    if device.type == "cpu" and precision == "bf16":
+        _register_fp32_attention()
+        return FP32_ATTENTION
+    return "sdpa"
+
+
+def _register_fp32_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        output, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+        return output.to(query.dtype), weights
+
+    AttentionInterface.register(FP32_ATTENTION, forward)
+    AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
+
+
+def build_model(
+    spec: FineTuneSpec,
+    base_dir: Path,
+    device,
+    precision: str,
+    gradient_checkpointing: bool,
+    init_dir: Path | None = None,
+    attn: str | None = None,
+) -> _Setup:
+    """The model to train, weights initialised from the seed (and `init_dir` when continuing a job)."""
+    import torch
+
+    kind = spec.adapter.type
+    attn = attn or attention_for(device, precision)
+    full_init = init_dir is not None and kind == "full"
+    model = _load_base(spec, init_dir if full_init else base_dir, device, precision, attn)
+    model.config.use_cache = False
+    autocast = None
+    if device.type == "cuda" and precision != "fp32":
+        autocast = _torch_dtype(precision)
+    elif device.type == "cpu" and precision == "bf16" and (kind == "full" or spec.adapter.modules_to_save):
+        # fp32 trained weights (the full model, or modules_to_save copies) meet bf16 activations.
+        autocast = torch.bfloat16
+
+    if kind == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        return _Setup(model, device, precision, autocast, None, False)
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if kind == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rank = spec.adapter.r
+    max_rank = _max_lora_rank(base_dir)
+    if max_rank is not None:
+        rank = min(rank, max_rank)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=spec.adapter.alpha,
+        lora_dropout=spec.adapter.dropout,
+        target_modules=spec.adapter.target_modules,
+        modules_to_save=spec.adapter.modules_to_save,
+        use_dora=kind == "dora",
+        bias="none",
+    )
+    with _quiet_peft():
+        model = get_peft_model(model, config)
+    # Trained weights in fp32 whatever the frozen base's dtype (peft autocasts adapters; modules_to_save
+    # copies follow the base).
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    model.train()
+    setup = _Setup(model, device, precision, autocast, rank, True)
+    if init_dir is not None:
+        # Continuing an earlier job: its weights, this job's settings (the API checked that they fit).
+        _load_weights(setup, init_dir)
+    return setup
+
+
+def _forward_accepts(model, name: str) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(base.forward).parameters
+
+
+def save_weights(setup: _Setup, dest: Path, tokenizer=None) -> None:
+    with _quiet_peft():
+        setup.model.save_pretrained(str(dest))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(dest))
+
+
+def _load_weights(setup: _Setup, source: Path) -> None:
+    """Weights saved by save_weights back into the same model (resume)."""
+    from safetensors.torch import load_file
+
+    if setup.is_peft:
+        from peft import set_peft_model_state_dict
+
+        state = load_file(str(source / "adapter_model.safetensors"), device=str(setup.device))
+        result = set_peft_model_state_dict(setup.model, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"checkpoint {source} does not fit the model: {unexpected[:3]}")
+        return
+    state: dict = {}
+    for file in sorted(source.glob("*.safetensors")):
+        state.update(load_file(str(file), device=str(setup.device)))
+    missing, unexpected = setup.model.load_state_dict(state, strict=False)
+    tied = set(getattr(setup.model, "_tied_weights_keys", None) or [])
+    if unexpected or any(key not in tied and not key.endswith("lm_head.weight") for key in missing):
+        raise RuntimeError(f"checkpoint {source} does not fit the model: {(unexpected or missing)[:3]}")
+    setup.model.tie_weights()
+
+
+def _save_atomically(dest: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling and rename it into place: `dest` is complete or absent."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     try:
-        with _quiet_peft():
-            model.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        write(tmp)
         os.chmod(tmp, 0o755)
         if dest.exists():
             shutil.rmtree(dest)
@@ -244,177 +454,485 @@ def _save_dir(model, dest: Path, tokenizer=None) -> Path:
     return dest
 
 
-def _max_lora_rank(base_dir: Path) -> int | None:
-    info = base_dir / "grove-model.json"
-    if not info.is_file():
-        return None
-    return json.loads(info.read_text()).get("max_lora_rank")
+def checkpoint_steps(work_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints under work_dir, ascending."""
+    root = Path(work_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    steps = []
+    for path in root.iterdir():
+        match = CHECKPOINT_DIR.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def kept_checkpoints(existing: Sequence[int], new: int, best: int | None, keep: int) -> list[int]:
+    """The last `keep` checkpoint steps, plus the best one."""
+    recent = sorted({*existing, new})[-keep:]
+    return sorted(set(recent) | ({best} if best is not None else set()))
+
+
+def checkpoint_dir(work_dir: Path, step: int) -> Path:
+    return Path(work_dir) / "checkpoints" / f"step-{step}"
+
+
+def _rng_state() -> dict:
+    import torch
+
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _round(value: float | None, digits: int = 6) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
+# --- steps and evaluation -------------------------------------------------------------------------------
+
+
+class _Trainer:
+    def __init__(self, setup: _Setup, pad_token_id: int, hooks: TrainingHooks):
+        self.setup = setup
+        self.model = setup.model
+        self.device = setup.device
+        self.pad_token_id = pad_token_id
+        self.hooks = hooks
+        self.keep_logits_arg = _forward_accepts(setup.model, "logits_to_keep")
+        self.eager = getattr(self.model.config, "_attn_implementation", "sdpa") == "eager"
+        self._last_poll = 0.0
+
+    def _autocast(self):
+        import torch
+
+        if self.setup.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.setup.autocast_dtype)
+
+    def loss_sums(self, bins: list[list[dict]]):
+        """(summed token loss, correct argmax predictions, real tokens, padded positions) of a micro-batch."""
+        import torch
+        import torch.nn.functional as F
+
+        packed = any(len(b) > 1 for b in bins)
+        if packed:
+            batch = collate_packed(bins, self.pad_token_id)
+            n_real = batch.pop("n_real")
+            mask = batch["attention_mask"].to(self.device)
+            if self.eager:  # eager attention adds the mask to the scores
+                dtype = self.model.get_input_embeddings().weight.dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(
+                    ~mask, torch.finfo(dtype).min
+                )
+            inputs = {"attention_mask": mask, "position_ids": batch["position_ids"].to(self.device)}
+        else:
+            batch = collate([b[0] for b in bins], self.pad_token_id)
+            n_real = int(batch["attention_mask"].sum())
+            inputs = {"attention_mask": batch["attention_mask"].to(self.device)}
+        input_ids = batch["input_ids"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
+        targets = labels[:, 1:][keep[:, :-1]]
+        if self.keep_logits_arg:
+            inputs["logits_to_keep"] = keep
+        with self._autocast():
+            logits = self.model(input_ids=input_ids, use_cache=False, **inputs).logits
+        if logits.ndim == 3:  # the model ignored logits_to_keep, or it was not passed
+            logits = logits[keep]
+        logits = logits.float()
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        correct = int((logits.detach().argmax(dim=-1) == targets).sum())
+        return loss_sum, correct, n_real, input_ids.numel()
+
+    def train_step(self, micro: list[list[list[dict]]], scaler) -> tuple[float, int, int, int, int]:
+        """Forward/backward over micro-batches; (summed loss, correct, targets, real tokens, positions)."""
+        n_targets = sum(_n_targets(b) for bins in micro for b in bins)
+        total_loss, total_correct, total_real, total_positions = 0.0, 0, 0, 0
+        for bins in micro:
+            loss_sum, correct, n_real, n_positions = self.loss_sums(bins)
+            loss = loss_sum / n_targets
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            total_loss += float(loss_sum.detach())
+            total_correct += correct
+            total_real += n_real
+            total_positions += n_positions
+        return total_loss, total_correct, n_targets, total_real, total_positions
+
+    def ask_stop(self) -> bool:
+        self._last_poll = time.monotonic()
+        return bool(self.hooks.should_stop())
+
+    def poll_stop(self) -> None:
+        if time.monotonic() - self._last_poll >= STOP_POLL_SECONDS and self.ask_stop():
+            raise _Stopped
+
+    def evaluate(self, micro: list[list[list[dict]]]) -> tuple[float, float]:
+        """(mean token loss, token accuracy); raises _Stopped if a stop is asked meanwhile."""
+        import torch
+
+        self.model.eval()
+        loss, correct, targets = 0.0, 0, 0
+        try:
+            with torch.no_grad():
+                for bins in micro:
+                    self.poll_stop()
+                    loss_sum, n_correct, _, _ = self.loss_sums(bins)
+                    loss += float(loss_sum)
+                    correct += n_correct
+                    targets += sum(_n_targets(b) for b in bins)
+        finally:
+            self.model.train()
+        return loss / targets, correct / targets
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+
+def _encode(source, tokenizer, cache_dir: Path | None, max_seq_len: int) -> tuple[TokenizedData, bool | None]:
+    if source is None:
+        return finalize([], max_seq_len), None
+    if isinstance(source, DataSource):
+        encoded, hit = encode_cached(source.load, tokenizer, cache_dir, source.cache_key)
+        return finalize(encoded, max_seq_len), hit
+    encoded, hit = encode_cached(lambda: source, tokenizer, None, None)
+    return finalize(encoded, max_seq_len), None
+
+
 def train_adapter(
     spec: FineTuneSpec,
     base_dir: Path,
-    train_examples: list[Example],
-    valid_examples: list[Example] | None,
+    train_examples: Sequence[Example] | DataSource,
+    valid_examples: Sequence[Example] | DataSource | None,
     work_dir: Path,
     hooks: TrainingHooks,
+    *,
+    init_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    resume: bool = True,
 ) -> TrainOutcome:
+    """Train, resuming from the latest checkpoint under work_dir if there is one (and `resume`)."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     base_dir, work_dir = Path(base_dir), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # from an earlier attempt of this job
-    _set_threads()
-    device, dtype = _pick_device()
+    if not resume:
+        shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+    from transformers import AutoConfig
 
+    config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True, trust_remote_code=False)
+    threads = _set_threads(config)
+    device = _pick_device()
+    cuda = device.type == "cuda"
+    precision = resolve_mixed_precision(spec, cuda, cuda and torch.cuda.is_bf16_supported())
+    if precision == "fp16" and not cuda:
+        raise InvalidRequest("mixed_precision fp16 needs a CUDA device; use bf16 or fp32.", param="mixed_precision")
+
+    started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True, trust_remote_code=False)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train: TokenizedData = tokenize_examples(train_examples, tokenizer, spec.max_seq_len)
+    train, train_cache_hit = _encode(train_examples, tokenizer, cache_dir, spec.max_seq_len)
     if not train.rows:
         raise DatasetError(
             f"no training example has a token to train on within max_seq_len={spec.max_seq_len} "
             "(assistant messages all weighted 0, or cut off)",
             param="training_file",
         )
-    valid = tokenize_examples(valid_examples or [], tokenizer, spec.max_seq_len)
+    valid, _ = _encode(valid_examples, tokenizer, cache_dir, spec.max_seq_len)
+    tokenize_seconds = time.perf_counter() - started
+
+    n_rows = len(train.rows)
+    lengths = [len(r["input_ids"]) for r in train.rows]
+    batch_size = resolve_batch_size(spec, train.n_examples)
+    n_epochs = resolve_n_epochs(spec, train.n_examples)
+    accumulation = resolve_gradient_accumulation(spec, batch_size)
+    learning_rate = resolve_learning_rate(spec)
+    steps_per_epoch = math.ceil(n_rows / batch_size)
+    total_steps = spec.max_steps or n_epochs * steps_per_epoch
+    eval_every = spec.eval_every_steps or spec.log_every_steps
+    epoch_checkpoint_every = math.ceil(math.ceil(total_steps / steps_per_epoch) / MAX_EPOCH_CHECKPOINTS)
+    token_budget = CUDA_TOKEN_BUDGET if cuda else CPU_TOKEN_BUDGET
+    capacity = spec.max_seq_len
+
     # Fixed, seeded validation subsets so that successive valid losses are comparable.
     valid_order = list(range(len(valid.rows)))
     random.Random(spec.seed).shuffle(valid_order)
     valid_sample = [valid.rows[i] for i in sorted(valid_order[:VALID_SAMPLE_ROWS])]
     valid_full = [valid.rows[i] for i in sorted(valid_order[:FULL_VALID_MAX_ROWS])]
 
-    n_rows = len(train.rows)
-    batch_size = resolve_batch_size(spec, train.n_examples)
-    n_epochs = resolve_n_epochs(spec, train.n_examples)
-    learning_rate = resolve_learning_rate(spec)
-    steps_per_epoch = math.ceil(n_rows / batch_size)
-    total_steps = spec.max_steps or n_epochs * steps_per_epoch
-    eval_every = spec.eval_every_steps or spec.log_every_steps
-    # Checkpoints at epoch ends; at most about MAX_CHECKPOINTS of them when max_steps runs many epochs.
-    checkpoint_every = math.ceil(math.ceil(total_steps / steps_per_epoch) / MAX_CHECKPOINTS)
+    def eval_batches(rows: list[dict]) -> list[list[list[dict]]]:
+        return micro_batches(rows, spec.packing, capacity, None, token_budget)
+
+    valid_sample_micro, valid_full_micro = eval_batches(valid_sample), eval_batches(valid_full)
+
+    # Gradient checkpointing when the activations of the largest micro-batch would not fit.
+    micro_tokens = (
+        math.ceil(batch_size / accumulation) * spec.max_seq_len
+        if accumulation
+        else min(token_budget, batch_size * spec.max_seq_len)
+    )
+    activations = _activation_bytes(config, micro_tokens, 4 if precision == "fp32" else 2)
+    if spec.gradient_checkpointing == "auto":
+        checkpointing = activations > 0.5 * _available_memory(device)
+    else:
+        checkpointing = bool(spec.gradient_checkpointing)
 
     torch.manual_seed(spec.seed)
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.manual_seed_all(spec.seed)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(base_dir), dtype=dtype, local_files_only=True, trust_remote_code=False
-    ).to(device)
-    model.config.use_cache = False
-    rank = spec.adapter.r
-    max_rank = _max_lora_rank(base_dir)
-    if max_rank is not None:
-        rank = min(rank, max_rank)
-    lora_config = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=rank,
-        lora_alpha=spec.adapter.alpha,
-        lora_dropout=spec.adapter.dropout,
-        target_modules=spec.adapter.target_modules,
-        use_dora=spec.adapter.type == "dora",
-        bias="none",
-    )
-    with _quiet_peft():
-        model = get_peft_model(model, lora_config)
-    model.train()
+    setup = build_model(spec, base_dir, device, precision, checkpointing, init_dir)
+    model = setup.model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    step = 0
+    trained_tokens = 0
+    metrics_rows: list[dict] = []
+    train_loss = valid_loss = None
+    best_step: int | None = None
+    best_loss: float | None = None
+    bad_checkpoints = 0
+    early_stopped = False
+    # Accumulated since the last logged step.
+    acc = {"loss": 0.0, "correct": 0, "targets": 0, "tokens": 0, "positions": 0, "seconds": 0.0}
+    resumed_from = None
+    saved = checkpoint_steps(work_dir) if resume else []
+    if saved:
+        resumed_from = saved[-1]
+        path = checkpoint_dir(work_dir, resumed_from)
+        state = torch.load(path / STATE_FILE, map_location=device, weights_only=False)
+        if state.get("total_steps") != total_steps or state.get("n_rows") != n_rows:
+            raise RuntimeError(f"checkpoint {path} was written for another schedule or data; refusing to resume")
+        _load_weights(setup, path)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        step = state["step"]
+        trained_tokens = state["trained_tokens"]
+        metrics_rows = state["metrics_rows"]
+        train_loss, valid_loss = state["train_loss"], state["valid_loss"]
+        best_step, best_loss = state["best_step"], state["best_loss"]
+        bad_checkpoints = state["bad_checkpoints"]
+        early_stopped = state["early_stopped"]
+        acc = state["acc"]
 
     stats = {
         **train.stats(),
         "batch_size": batch_size,
         "n_epochs": n_epochs,
+        "gradient_accumulation_steps": accumulation or "auto",
+        "token_budget": None if accumulation else token_budget,
         "learning_rate": learning_rate,
         "learning_rate_multiplier": learning_rate / BASE_LEARNING_RATE,
+        "lr_scheduler": spec.lr_scheduler,
         "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "threads": threads,
+        "mixed_precision": precision,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "gradient_checkpointing": checkpointing,
+        "estimated_activation_mb": round(activations / 2**20, 1),
+        "packing": spec.packing,
         "steps_per_epoch": steps_per_epoch,
         "max_seq_len": spec.max_seq_len,
-        "lora_rank": rank,
+        "adapter_type": spec.adapter.type,
+        "lora_rank": setup.rank,
         "trainable_parameters": sum(p.numel() for p in params),
         "n_valid_examples": valid.n_examples,
         "n_valid_rows": len(valid.rows),
+        "tokenization_cache": None if train_cache_hit is None else ("hit" if train_cache_hit else "miss"),
+        "tokenize_seconds": round(tokenize_seconds, 3),
+        "resumed_from_step": resumed_from,
     }
     hooks.on_start(total_steps, stats)
+    if resumed_from is not None:
+        hooks.on_event(
+            "info",
+            f"Resumed from the checkpoint at step {resumed_from} (weights, optimizer, RNG and data position).",
+            {"step": resumed_from},
+        )
+        # The checkpoint may have been saved but not yet published when the previous worker died.
+        hooks.on_checkpoint(
+            resumed_from,
+            checkpoint_dir(work_dir, resumed_from),
+            metrics_rows[-1] if metrics_rows and metrics_rows[-1]["step"] == resumed_from else {"step": resumed_from},
+            saved,
+        )
 
-    trainer = _Trainer(model, device, dtype, pad_token_id, hooks)
-    checkpoints: list[Path] = []
-    metrics_rows: list[dict] = []
+    trainer = _Trainer(setup, pad_token_id, hooks)
     stopped = False
-    step = 0
-    trained_tokens = 0
-    train_loss = valid_loss = None
-    # Accumulated since the last logged step.
-    acc_loss, acc_correct, acc_targets, acc_tokens, acc_seconds = 0.0, 0, 0, 0, 0.0
+    loop_started, loop_first_step = time.perf_counter(), step
+    epoch_cache: dict[int, list[list[int]]] = {}
 
-    batches = _epoch_batches(n_rows, batch_size, spec.seed)
+    def batch_for(step_number: int) -> tuple[list[int], bool, int]:
+        epoch = (step_number - 1) // steps_per_epoch
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = epoch_batches(lengths, batch_size, spec.seed, epoch, spec.group_by_length)
+        index = (step_number - 1) % steps_per_epoch
+        return epoch_cache[epoch][index], index == steps_per_epoch - 1, epoch + 1
+
+    def save_checkpoint(at: int, kept: list[int]) -> Path:
+        def write(tmp: Path) -> None:
+            save_weights(setup, tmp)
+            state = {
+                "step": at,
+                "total_steps": total_steps,
+                "n_rows": n_rows,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": _rng_state(),
+                "trained_tokens": trained_tokens,
+                "metrics_rows": metrics_rows,
+                "train_loss": train_loss,
+                "valid_loss": valid_loss,
+                "best_step": best_step,
+                "best_loss": best_loss,
+                "bad_checkpoints": bad_checkpoints,
+                "early_stopped": early_stopped,
+                "acc": acc,
+                "data_position": {"epoch": (at - 1) // steps_per_epoch + 1, "batch": (at - 1) % steps_per_epoch + 1},
+            }
+            torch.save(state, tmp / STATE_FILE)
+
+        path = _save_atomically(checkpoint_dir(work_dir, at), write)
+        for old in checkpoint_steps(work_dir):
+            if old not in kept:
+                shutil.rmtree(checkpoint_dir(work_dir, old), ignore_errors=True)
+        return path
+
     try:
-        while step < total_steps:
-            indices, epoch_end = next(batches)
+        while step < total_steps and not early_stopped:
             step += 1
-            started = time.perf_counter()
-            lr = learning_rate * _lr_factor(step, total_steps)
+            indices, epoch_end, epoch = batch_for(step)
+            step_started = time.perf_counter()
+            lr = learning_rate * lr_factor(step, total_steps, spec.warmup_ratio, spec.lr_scheduler)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, correct, n_targets, n_tokens = trainer.train_step([train.rows[i] for i in indices])
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
+            micro = micro_batches([train.rows[i] for i in indices], spec.packing, capacity, accumulation, token_budget)
+            loss_sum, correct, n_targets, n_real, n_positions = trainer.train_step(micro, scaler)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if spec.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
-            acc_seconds += time.perf_counter() - started
-            acc_loss += loss_sum
-            acc_correct += correct
-            acc_targets += n_targets
-            acc_tokens += n_tokens
-            trained_tokens += n_tokens
+            acc["seconds"] += time.perf_counter() - step_started
+            acc["loss"] += loss_sum
+            acc["correct"] += correct
+            acc["targets"] += n_targets
+            acc["tokens"] += n_real
+            acc["positions"] += n_positions
+            trained_tokens += n_real
             last = step == total_steps
             if not last and trainer.ask_stop():
                 stopped = True
                 break
 
-            epoch = math.ceil(step / steps_per_epoch)
-            checkpoint = epoch_end and (epoch % checkpoint_every == 0 or step == total_steps)
-            full_eval = bool(valid_full) and (last or checkpoint)
+            checkpoint = (
+                last
+                or (spec.save_every_steps is not None and step % spec.save_every_steps == 0)
+                or (epoch_end and epoch % epoch_checkpoint_every == 0)
+            )
+            full_eval = bool(valid_full) and checkpoint
             sample_eval = bool(valid_sample) and not full_eval and step % eval_every == 0
-            metrics = {"train_loss": _round(loss_sum / n_targets), "learning_rate": lr}
-            if full_eval or sample_eval or last or step % spec.log_every_steps == 0:
+            metrics: dict[str, Any] = {"train_loss": _round(loss_sum / n_targets), "learning_rate": lr}
+            if full_eval or sample_eval or last or checkpoint or step % spec.log_every_steps == 0:
+                done_here = step - loop_first_step
+                elapsed = time.perf_counter() - loop_started
                 metrics = {
-                    "train_loss": _round(acc_loss / acc_targets),
-                    "train_mean_token_accuracy": _round(acc_correct / acc_targets),
+                    "train_loss": _round(acc["loss"] / acc["targets"]),
+                    "train_mean_token_accuracy": _round(acc["correct"] / acc["targets"]),
                     "valid_loss": None,
                     "learning_rate": lr,
-                    "tokens_per_second": _round(acc_tokens / acc_seconds if acc_seconds > 0 else 0.0, 2),
+                    "tokens_per_second": _round(acc["tokens"] / acc["seconds"] if acc["seconds"] > 0 else 0.0, 2),
                     "trained_tokens": trained_tokens,
                     "epoch": _round(step / steps_per_epoch, 4),
+                    "padding_fraction": _round(1 - acc["tokens"] / acc["positions"], 4) if acc["positions"] else 0.0,
+                    "peak_memory_mb": peak_memory_mb(device),
                 }
                 train_loss = metrics["train_loss"]
                 if full_eval or sample_eval:
-                    loss, accuracy = trainer.evaluate(valid_full if full_eval else valid_sample)
+                    loss, accuracy = trainer.evaluate(valid_full_micro if full_eval else valid_sample_micro)
                     metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = _round(loss), _round(accuracy)
                     if full_eval:
                         valid_loss = metrics["full_valid_loss"] = metrics["valid_loss"]
                         metrics["full_valid_mean_token_accuracy"] = metrics["valid_mean_token_accuracy"]
+                elapsed = time.perf_counter() - loop_started
+                metrics["eta_seconds"] = _round(elapsed / done_here * (total_steps - step), 1) if done_here else None
                 metrics_rows.append({"step": step, **metrics})
                 hooks.on_metrics(step, total_steps, metrics)
-                acc_loss, acc_correct, acc_targets, acc_tokens, acc_seconds = 0.0, 0, 0, 0, 0.0
+                acc = {"loss": 0.0, "correct": 0, "targets": 0, "tokens": 0, "positions": 0, "seconds": 0.0}
             if checkpoint:
-                path = _save_dir(model, work_dir / "checkpoints" / f"step-{step}")
-                checkpoints.append(path)
-                hooks.on_checkpoint(step, path, {"step": step, "epoch": epoch, **metrics})
+                if full_eval:
+                    loss = metrics["full_valid_loss"]
+                    if best_loss is None or loss < best_loss - spec.early_stopping_threshold:
+                        best_step, best_loss, bad_checkpoints = step, loss, 0
+                    else:
+                        bad_checkpoints += 1
+                        patience = spec.early_stopping_patience
+                        if patience is not None and bad_checkpoints >= patience and not last:
+                            early_stopped = True
+                kept = kept_checkpoints(checkpoint_steps(work_dir), step, best_step, spec.keep_checkpoints)
+                path = save_checkpoint(step, kept)
+                hooks.on_checkpoint(
+                    step,
+                    path,
+                    {"step": step, "epoch": epoch, **metrics, "is_best": best_step == step},
+                    kept,
+                )
+                if early_stopped:
+                    hooks.on_event(
+                        "info",
+                        f"Early stopping at step {step}: the validation loss has not improved for "
+                        f"{bad_checkpoints} checkpoints (best {best_loss:.4f} at step {best_step}).",
+                        {"step": step, "best_step": best_step, "best_valid_loss": best_loss},
+                    )
     except _Stopped:
         stopped = True
 
     if stopped:
         valid_loss = None
-    adapter_dir = _save_dir(model, work_dir / "adapter", tokenizer)
+    result_step = step
+    adapter_dir = work_dir / "adapter"
+    if not stopped and spec.result_adapter == "best" and best_step is not None and best_step != step:
+        best_dir = checkpoint_dir(work_dir, best_step)
+
+        def copy_best(tmp: Path) -> None:
+            for item in best_dir.iterdir():
+                if item.is_file() and item.name != STATE_FILE:
+                    shutil.copy2(item, tmp / item.name)
+            tokenizer.save_pretrained(str(tmp))
+
+        _save_atomically(adapter_dir, copy_best)
+        result_step = best_step
+    else:
+        _save_atomically(adapter_dir, lambda tmp: save_weights(setup, tmp, tokenizer))
     return TrainOutcome(
         stopped=stopped,
         steps=step,
@@ -424,6 +942,36 @@ def train_adapter(
         valid_loss=valid_loss,
         metrics_rows=metrics_rows,
         adapter_dir=adapter_dir,
-        checkpoints=checkpoints,
+        checkpoints=[checkpoint_dir(work_dir, s) for s in checkpoint_steps(work_dir)],
         stats=stats,
+        early_stopped=early_stopped,
+        best_step=best_step,
+        best_valid_loss=best_loss,
+        result_step=result_step,
+        resumed_from=resumed_from,
     )
+
+
+def merge_model(base_dir: Path, adapter_dir: Path, adapter_type: str, dtype: str, dest: Path) -> Path:
+    """The base model with the adapter merged in (merge_and_unload), saved in `dtype`, with the tokenizer.
+    A qlora adapter merges into the full-precision base. A full fine-tune is its own merged model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    opts = {"local_files_only": True, "trust_remote_code": False}
+    if adapter_type == "full":
+        model = AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32, **opts)
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **opts)
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    model = model.to(torch_dtype)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(adapter_dir), **opts).save_pretrained(str(tmp))
+
+    return _save_atomically(Path(dest), write)

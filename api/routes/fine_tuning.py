@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
 
 from api.deps import ProjectDep, SessionDep
 from api.schemas.common import ListObject
@@ -12,8 +13,8 @@ from api.schemas.fine_tuning import (
     FineTuningJobEventObject,
     FineTuningJobObject,
 )
+from api.services import event_stream, idempotency
 from api.services import fine_tuning as jobs
-from api.services import idempotency
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=1000)]
@@ -55,8 +56,17 @@ def cancel_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTun
 
 @router.get("/{job_id}/events", response_model=ListObject[FineTuningJobEventObject])
 def list_events(
-    session: SessionDep, project: ProjectDep, job_id: str, after: str | None = None, limit: Limit = 20
-) -> ListObject[FineTuningJobEventObject]:
+    session: SessionDep,
+    project: ProjectDep,
+    job_id: str,
+    after: str | None = None,
+    limit: Limit = 20,
+    stream: Annotated[bool, Query(description="Server-Sent Events, oldest first, until the job ends.")] = False,
+    last_event_id: Annotated[str | None, Header(description="Resume a stream after this event.")] = None,
+) -> ListObject[FineTuningJobEventObject] | StreamingResponse:
+    if stream:
+        render = lambda event: FineTuningJobEventObject.from_row(event).model_dump(mode="json")  # noqa: E731
+        return event_stream.open_stream(session, project, job_id, jobs.KIND, last_event_id or after, render)
     rows, has_more = jobs.list_events(session, project, job_id, after, limit)
     return ListObject.of([FineTuningJobEventObject.from_row(r) for r in rows], has_more)
 

@@ -7,8 +7,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.base import unix
+from models.evaluation_spec import EvaluationSettings
+from models.export_spec import ExportOptions
 from models.job import Checkpoint, Job, JobEvent
-from models.specs import AdapterConfig, Hyperparameters
+from models.specs import Hyperparameters, TrainingOptions
 
 
 class SupervisedMethod(BaseModel):
@@ -22,7 +24,10 @@ class Method(BaseModel):
     supervised: SupervisedMethod | None = None
 
 
-class CreateFineTuningJob(BaseModel):
+class CreateFineTuningJob(TrainingOptions):
+    """OpenAI's create request; the fields of TrainingOptions (adapter, max_steps, lr_scheduler, packing, ...)
+    are Grove's extensions, sent by the SDK via `extra_body`."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="Base model name from GET /v1/models.")
@@ -37,13 +42,13 @@ class CreateFineTuningJob(BaseModel):
     metadata: dict[str, str] | None = Field(None, max_length=16)
     integrations: list[Any] | None = Field(None, max_length=0, description="Not supported; must be empty.")
 
-    # Grove extensions.
-    adapter: AdapterConfig | None = Field(None, description="Adapter type, rank, alpha, dropout, modules.")
-    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Optimizer steps; overrides n_epochs.")
-    learning_rate: float | None = Field(None, gt=0, le=1.0, description="Peak learning rate.")
-    max_seq_len: int | None = Field(None, ge=16, le=32768, description="Tokens per example (default 512).")
-    text_template: str | None = Field(
-        None, max_length=4000, description="Format string rendering files of arbitrary fields."
+    # Grove extensions whose default depends on the model or on another job.
+    max_seq_len: int | None = Field(
+        None, ge=16, le=32768, description="Tokens per example (default 512, or the model's context if shorter)."
+    )
+    export: ExportOptions | None = Field(None, description="Export to ONNX on success (a child export job).")
+    evaluation: EvaluationSettings | None = Field(
+        None, description="Evaluate on the validation_file on success (a child evaluation job, base vs adapter)."
     )
 
     def effective_hyperparameters(self) -> Hyperparameters:
@@ -56,6 +61,7 @@ class JobError(BaseModel):
     code: str
     message: str
     param: str | None = None
+    type: str | None = Field(None, description="Grove extension: user_error (bad data or spec) or system_error.")
 
 
 class Progress(BaseModel):
@@ -85,7 +91,8 @@ class FineTuningJobObject(BaseModel):
     integrations: list = Field(default_factory=list)
     metadata: dict | None = None
     user_provided_suffix: str | None = None
-    # Grove extensions.
+    # Grove extensions: progress, the result summary, and every TrainingOptions field as resolved (extra).
+    model_config = ConfigDict(extra="allow")
     started_at: int | None = None
     progress: Progress
     adapter: dict
@@ -93,6 +100,11 @@ class FineTuningJobObject(BaseModel):
     learning_rate: float | None = None
     max_seq_len: int
     text_template: str | None = None
+    result: dict | None = Field(
+        None,
+        description="When finished: result file ids by kind (adapter, metrics, loss_plot, tensorboard, "
+        "merged_model), result_step, best_step, best_valid_loss, early_stopped, resumed_from_step.",
+    )
 
     @classmethod
     def from_row(cls, job: Job) -> FineTuningJobObject:
@@ -123,12 +135,18 @@ class FineTuningJobObject(BaseModel):
                 total_steps=total,
                 percent=round(100.0 * job.step / total, 1) if total else None,
             ),
-            adapter=spec["adapter"],
-            max_steps=spec.get("max_steps"),
-            learning_rate=spec.get("learning_rate"),
-            max_seq_len=spec["max_seq_len"],
-            text_template=spec.get("text_template"),
+            result=job.result,
+            **_options(spec),
         )
+
+
+def _options(spec: dict) -> dict:
+    """The spec's TrainingOptions with defaults for fields added after the job was created."""
+    known = {k: v for k, v in spec.items() if k in TrainingOptions.model_fields}
+    try:
+        return TrainingOptions.model_validate(known).model_dump(mode="json")
+    except ValueError:  # a spec written by another version: show it as stored
+        return known
 
 
 class FineTuningJobEventObject(BaseModel):

@@ -17,7 +17,12 @@ from models.project import Project
 from models.transitions import switch_job_status
 
 # How each kind is named in messages and in the `param` of a 404.
-KIND_NAMES = {"fine_tune": ("fine-tuning job", "fine_tuning_job_id")}
+KIND_NAMES = {
+    "fine_tune": ("fine-tuning job", "fine_tuning_job_id"),
+    "export": ("export job", "export_id"),
+    "evaluation": ("evaluation job", "evaluation_id"),
+    "sweep": ("sweep", "sweep_id"),
+}
 
 
 def get(session: Session, project: Project, job_id: str, kind: str) -> Job:

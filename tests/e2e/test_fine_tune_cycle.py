@@ -50,7 +50,8 @@ def test_upload_train_poll_download(stack_and_key, tmp_path, tiny_model):
     job = wait_for(client, job.id)
     assert job.status == "succeeded", (job.error, stack.log("worker.log"))
     assert job.trained_tokens and job.trained_tokens > 0
-    assert job.fine_tuned_model and job.finished_at and len(job.result_files) == 2
+    # Adapter, metrics CSV, loss plot, TensorBoard events.
+    assert job.fine_tuned_model and job.finished_at and len(job.result_files) == 4
     assert job.hyperparameters.batch_size == 4
     assert job.model_extra["progress"] == {"step": 12, "total_steps": 12, "percent": 100.0}
 
@@ -62,7 +63,7 @@ def test_upload_train_poll_download(stack_and_key, tmp_path, tiny_model):
     last = max(metrics, key=lambda e: e.data["step"])
     assert last.data["total_steps"] == 12 and last.data["train_loss"] > 0 and last.data["valid_loss"] > 0
 
-    adapter_id, metrics_id = job.result_files
+    adapter_id, metrics_id = job.result_files[:2]
     adapter_file = client.files.retrieve(adapter_id)
     assert adapter_file.purpose == "fine-tune-results" and adapter_file.filename.endswith(".tar")
 

@@ -21,6 +21,8 @@ class RecordingHooks:
         self.started: tuple[int, dict] | None = None
         self.metrics: list[tuple[int, int, dict]] = []
         self.checkpoints: list[tuple[int, Path, dict]] = []
+        self.kept: list[int] = []
+        self.events: list[tuple[str, str, dict]] = []
         self.stop_calls = 0
 
     def on_start(self, total_steps: int, stats: dict) -> None:
@@ -29,8 +31,12 @@ class RecordingHooks:
     def on_metrics(self, step: int, total_steps: int, metrics: dict) -> None:
         self.metrics.append((step, total_steps, metrics))
 
-    def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
+    def on_checkpoint(self, step: int, path: Path, metrics: dict, kept: list[int]) -> None:
         self.checkpoints.append((step, path, metrics))
+        self.kept = kept
+
+    def on_event(self, type: str, message: str, data: dict) -> None:
+        self.events.append((type, message, data))
 
     def should_stop(self) -> bool:
         self.stop_calls += 1
@@ -121,6 +127,7 @@ def test_checkpoints_at_epoch_ends(trained):
         assert sorted(p.name for p in path.iterdir() if p.suffix != ".md") == [
             "adapter_config.json",
             "adapter_model.safetensors",
+            "training_state.pt",
         ]
         assert metrics["full_valid_loss"] is not None
 
@@ -216,9 +223,10 @@ def test_max_steps_overrides_epochs_and_dora(tiny_model_dir: Path, tmp_path: Pat
         adapter={"type": "dora", "r": 32, "target_modules": ["q_proj", "v_proj"]},
     )
     assert outcome.steps == outcome.total_steps == 5
-    # Logged every 3 steps and at the last. 2 steps per epoch: checkpoints where epochs end, at steps 2 and 4.
-    assert [step for step, _, _ in hooks.metrics] == [3, 5]
-    assert [step for step, _, _ in hooks.checkpoints] == [2, 4]
+    # Logged every 3 steps, at checkpoints and at the last. 2 steps per epoch: checkpoints where epochs end,
+    # at steps 2 and 4, and at the last step.
+    assert [step for step, _, _ in hooks.metrics] == [2, 3, 4, 5]
+    assert [step for step, _, _ in hooks.checkpoints] == [2, 4, 5]
     assert all(math.isfinite(metrics["train_loss"]) for _, _, metrics in hooks.checkpoints)
     assert outcome.valid_loss is None
     assert all(row["valid_loss"] is None for row in outcome.metrics_rows)

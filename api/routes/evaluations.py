@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from api.deps import ProjectDep, SessionDep
+from api.schemas.common import ListObject
+from api.schemas.evaluations import CreateEvaluation, EvaluationEventObject, EvaluationObject
+from api.services import evaluations
+
+router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+@router.post("", response_model=EvaluationObject)
+def create_evaluation(session: SessionDep, project: ProjectDep, body: CreateEvaluation) -> EvaluationObject:
+    return EvaluationObject.from_row(evaluations.create(session, project, body))
+
+
+@router.get("", response_model=ListObject[EvaluationObject])
+def list_evaluations(
+    session: SessionDep,
+    project: ProjectDep,
+    after: str | None = None,
+    limit: Limit = 20,
+    parent_id: Annotated[str | None, Query(description="Only the evaluation a fine-tuning job asked for.")] = None,
+) -> ListObject[EvaluationObject]:
+    rows, has_more = evaluations.list_evaluations(session, project, after, limit, parent_id)
+    return ListObject.of([EvaluationObject.from_row(r) for r in rows], has_more)
+
+
+@router.get("/{evaluation_id}", response_model=EvaluationObject)
+def get_evaluation(session: SessionDep, project: ProjectDep, evaluation_id: str) -> EvaluationObject:
+    return EvaluationObject.from_row(evaluations.get(session, project, evaluation_id))
+
+
+@router.post("/{evaluation_id}/cancel", response_model=EvaluationObject)
+def cancel_evaluation(session: SessionDep, project: ProjectDep, evaluation_id: str) -> EvaluationObject:
+    return EvaluationObject.from_row(evaluations.cancel(session, project, evaluation_id))
+
+
+@router.get("/{evaluation_id}/events", response_model=ListObject[EvaluationEventObject])
+def list_events(
+    session: SessionDep, project: ProjectDep, evaluation_id: str, after: str | None = None, limit: Limit = 20
+) -> ListObject[EvaluationEventObject]:
+    rows, has_more = evaluations.list_events(session, project, evaluation_id, after, limit)
+    return ListObject.of([EvaluationEventObject.from_row(r) for r in rows], has_more)
+
+
+@router.get("/{evaluation_id}/report", response_class=FileResponse)
+def get_report(session: SessionDep, project: ProjectDep, evaluation_id: str) -> FileResponse:
+    """The full report (JSON), also downloadable as result_files[0]."""
+    path = evaluations.report_path(session, project, evaluation_id)
+    return FileResponse(path, media_type="application/json")

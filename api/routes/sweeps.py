@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+
+from api.deps import ProjectDep, SessionDep
+from api.schemas.common import ListObject
+from api.schemas.sweeps import CreateSweep, SweepEventObject, SweepObject
+from api.services import idempotency, sweeps
+
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+def _object(session, job) -> SweepObject:
+    return SweepObject.from_row(job, sweeps.children_of(session, [job.id]))
+
+
+@router.post("", response_model=SweepObject)
+def create_sweep(request: Request, session: SessionDep, project: ProjectDep, body: CreateSweep) -> SweepObject:
+    job = idempotency.create_once(
+        session,
+        project,
+        request.headers.get(idempotency.HEADER),
+        idempotency.fingerprint("sweeps", body.model_dump_json()),
+        "sweep",
+        create=lambda: sweeps.create(session, project, body),
+        fetch=lambda sweep_id: sweeps.get(session, project, sweep_id),
+    )
+    return _object(session, job)
+
+
+@router.get("", response_model=ListObject[SweepObject])
+def list_sweeps(
+    session: SessionDep, project: ProjectDep, after: str | None = None, limit: Limit = 20
+) -> ListObject[SweepObject]:
+    rows, has_more = sweeps.list_sweeps(session, project, after, limit)
+    children = sweeps.children_of(session, [r.id for r in rows])
+    return ListObject.of([SweepObject.from_row(r, children) for r in rows], has_more)
+
+
+@router.get("/{sweep_id}", response_model=SweepObject)
+def get_sweep(session: SessionDep, project: ProjectDep, sweep_id: str) -> SweepObject:
+    return _object(session, sweeps.get(session, project, sweep_id))
+
+
+@router.post("/{sweep_id}/cancel", response_model=SweepObject)
+def cancel_sweep(session: SessionDep, project: ProjectDep, sweep_id: str) -> SweepObject:
+    return _object(session, sweeps.cancel(session, project, sweep_id))
+
+
+@router.get("/{sweep_id}/events", response_model=ListObject[SweepEventObject])
+def list_events(
+    session: SessionDep, project: ProjectDep, sweep_id: str, after: str | None = None, limit: Limit = 20
+) -> ListObject[SweepEventObject]:
+    rows, has_more = sweeps.list_events(session, project, sweep_id, after, limit)
+    return ListObject.of([SweepEventObject.from_row(r) for r in rows], has_more)
+
+
+@router.get("/{sweep_id}/report", response_class=FileResponse)
+def get_report(session: SessionDep, project: ProjectDep, sweep_id: str) -> FileResponse:
+    """The report (JSON: every trial's parameters, state and objective, the best trial), also result_files[0]."""
+    return FileResponse(sweeps.report_path(session, project, sweep_id), media_type="application/json")

@@ -1,0 +1,293 @@
+"""Evaluation jobs: creation (data, metrics and targets checked up front), reads, cancel. Never commits.
+
+Every target is resolved here, once: the stored spec says exactly which model, adapter archive or ONNX
+package each one is, so the worker never interprets a request.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.schemas.evaluations import CreateEvaluation, TargetRequest
+from api.services import jobs
+from api.services.pagination import page
+from models.config import get_settings
+from models.errors import GroveError, InvalidRequest
+from models.evaluation_spec import (
+    EVALUATION_KIND,
+    EXPORT_KIND,
+    EvaluationSettings,
+    EvaluationSpec,
+    Target,
+    enqueue_evaluation,
+)
+from models.file import File
+from models.job import Checkpoint, Job, JobEvent
+from models.job_status import TERMINAL, JobStatus
+from models.model_store import resolve_model
+from models.project import Project
+from models.storage import get_storage
+from worker.eval_data import label_set, read_items
+
+KIND = EVALUATION_KIND
+
+
+class TooManyJobs(GroveError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "too_many_jobs"
+
+
+def _dataset_file(session: Session, project: Project, file_id: str, param: str) -> File:
+    file = session.scalar(select(File).where(File.id == file_id, File.project_id == project.id))
+    if file is None:
+        raise InvalidRequest(f"No file found with id {file_id!r}.", param=param, code="file_not_found")
+    if file.purpose != "fine-tune" or file.data_format is None:
+        raise InvalidRequest(f"File {file_id} is not an uploaded dataset (purpose 'fine-tune').", param=param)
+    return file
+
+
+def check_settings(file: File, settings: EvaluationSettings, param: str = "evaluation_file") -> None:
+    """Refuse data that cannot be scored and metrics that do not fit it (400 naming the field)."""
+    try:
+        items = read_items(get_storage().path_of(file.storage_key), settings)
+    except InvalidRequest as exc:
+        if exc.param in ("evaluation_file", "file"):
+            exc.param = param
+            exc.message = exc.message.replace("evaluation_file", param)
+        raise
+    if "accuracy" in settings.metrics:
+        label_set(items, settings)
+
+
+def check_follow_up(
+    settings: EvaluationSettings | None, validation: File | None, text_template: str | None
+) -> EvaluationSettings | None:
+    """The automatic evaluation a fine-tuning job asks for (`evaluation`), checked against its validation file."""
+    if settings is None:
+        return None
+    if validation is None:
+        raise InvalidRequest(
+            "evaluation needs a validation_file: the automatic evaluation scores base model and adapter on it.",
+            param="evaluation",
+        )
+    if settings.text_template is None and validation.data_format == "fields":
+        settings = settings.model_copy(update={"text_template": text_template})
+    try:
+        check_settings(validation, settings, param="validation_file")
+    except InvalidRequest as exc:
+        if exc.param and not exc.param.startswith("validation_file"):
+            exc.param = f"evaluation.{exc.param}"
+        raise
+    return settings
+
+
+def _not_found(kind: str, object_id: str, param: str) -> InvalidRequest:
+    return InvalidRequest(f"No {kind} found with id {object_id!r}.", param=param, code="target_not_found")
+
+
+def _succeeded_job(session: Session, project: Project, job_id: str, kind: str, label: str, param: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project.id, Job.kind == kind))
+    if job is None:
+        raise _not_found(label, job_id, param)
+    if job.status != JobStatus.succeeded:
+        raise InvalidRequest(
+            f"The {label} {job_id} is {job.status}; only a succeeded {label} can be evaluated.",
+            param=param,
+            code="target_not_succeeded",
+        )
+    if not job.result_files:
+        raise InvalidRequest(f"The {label} {job_id} published no result to evaluate.", param=param)
+    return job
+
+
+def _shorthand(session: Session, project: Project, value: str) -> TargetRequest:
+    if value.startswith("ftckpt-"):
+        checkpoint = session.scalar(
+            select(Checkpoint)
+            .join(Job, Job.id == Checkpoint.job_id)
+            .where(Checkpoint.id == value, Job.project_id == project.id)
+        )
+        if checkpoint is None:
+            raise _not_found("checkpoint", value, "targets")
+        return TargetRequest(fine_tuning_job=checkpoint.job_id, checkpoint=value)
+    kind = session.scalar(select(Job.kind).where(Job.id == value, Job.project_id == project.id))
+    if kind == "fine_tune":
+        return TargetRequest(fine_tuning_job=value)
+    if kind == EXPORT_KIND:
+        return TargetRequest(export_job=value)
+    if kind is not None:
+        raise InvalidRequest(f"Job {value} is a {kind} job; it has no model to evaluate.", param="targets")
+    return TargetRequest(model=value)
+
+
+def _parse_target(session: Session, project: Project, raw, param: str) -> TargetRequest:
+    if isinstance(raw, str):
+        try:
+            return _shorthand(session, project, raw)
+        except InvalidRequest as exc:
+            exc.param = param
+            raise
+    try:
+        return TargetRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if isinstance(p, str) and p.isidentifier())
+        message = "Unknown field." if first.get("type") == "extra_forbidden" else first.get("msg", "Invalid target.")
+        raise InvalidRequest(
+            f"{param}{'.' + where if where else ''}: {message.removeprefix('Value error, ')}",
+            param=f"{param}.{where}" if where else param,
+        ) from None
+
+
+def _checkpoint(session: Session, job: Job, wanted: str | int, param: str) -> Checkpoint:
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    stmt = stmt.where(Checkpoint.step == wanted) if isinstance(wanted, int) else stmt.where(Checkpoint.id == wanted)
+    checkpoint = session.scalar(stmt)
+    if checkpoint is None:
+        raise _not_found(f"checkpoint of {job.id}", str(wanted), param)
+    if checkpoint.file_id is None:
+        raise InvalidRequest(f"Checkpoint {checkpoint.id} has no published adapter.", param=param)
+    return checkpoint
+
+
+def resolve_target(session: Session, project: Project, raw, index: int) -> Target:
+    param = f"targets[{index}]"
+    request = _parse_target(session, project, raw, param)
+    if request.model is not None:
+        try:
+            base = resolve_model(request.model, param=f"{param}.model")
+        except InvalidRequest as exc:
+            if isinstance(raw, str):  # a bare string names a model, a job or a checkpoint of this project
+                raise InvalidRequest(
+                    f"No model, fine-tuning job, export job or checkpoint named {raw!r}. {exc.message}",
+                    param=param,
+                    code="target_not_found",
+                ) from None
+            raise
+        return Target(type="model", name=request.name or base.name, model=base.name)
+
+    if request.fine_tuning_job is not None:
+        job = _succeeded_job(session, project, request.fine_tuning_job, "fine_tune", "fine-tuning job", param)
+        base = resolve_model(job.model, param=param)
+        if request.checkpoint is None:
+            return Target(
+                type="fine_tuning_job",
+                name=request.name or job.id,
+                model=base.name,
+                job_id=job.id,
+                file_id=job.result_files[0],
+            )
+        checkpoint = _checkpoint(session, job, request.checkpoint, f"{param}.checkpoint")
+        return Target(
+            type="fine_tuning_job",
+            name=request.name or f"{job.id}:step-{checkpoint.step}",
+            model=base.name,
+            job_id=job.id,
+            checkpoint_id=checkpoint.id,
+            step=checkpoint.step,
+            file_id=checkpoint.file_id,
+        )
+
+    job = _succeeded_job(session, project, request.export_job, EXPORT_KIND, "export job", param)
+    manifest = job.result or {}
+    listed = [a for a in manifest.get("adapters") or [] if isinstance(a, dict) and a.get("name")]
+    with_files = [a for a in listed if a.get("file")]
+    adapter = None
+    if request.adapter is not None:
+        matches = [a for a in with_files if request.adapter in (a.get("name"), a.get("job_id"))]
+        if not matches:
+            available = ", ".join(a["name"] for a in with_files) or "none (the adapters are built into the model)"
+            raise InvalidRequest(
+                f"Export job {job.id} has no adapter {request.adapter!r}; its adapters: {available}.",
+                param=f"{param}.adapter",
+            )
+        adapter = matches[0]
+    elif len(with_files) > 1:
+        raise InvalidRequest(
+            f"Export job {job.id} is a multi-adapter package ({', '.join(a['name'] for a in with_files)}); "
+            "name the adapter to evaluate.",
+            param=f"{param}.adapter",
+        )
+    elif with_files:
+        adapter = with_files[0]
+    base = manifest.get("base_model")
+    base_name = job.model or (base.get("name") if isinstance(base, dict) else base) or "unknown"
+    name = job.id if adapter is None else f"{job.id}:{adapter['name']}"
+    return Target(
+        type="export_job",
+        name=request.name or name,
+        model=base_name,
+        job_id=job.id,
+        file_id=job.result_files[0],
+        adapter=adapter["name"] if adapter else None,
+        adapter_file=adapter.get("file") if adapter else None,
+    )
+
+
+def _unique_names(targets: list[Target]) -> list[Target]:
+    seen: dict[str, int] = {}
+    for target in targets:
+        count = seen.get(target.name, 0) + 1
+        seen[target.name] = count
+        if count > 1:
+            target.name = f"{target.name}#{count}"
+    return targets
+
+
+def create(session: Session, project: Project, request: CreateEvaluation) -> Job:
+    settings = get_settings()
+    file = _dataset_file(session, project, request.evaluation_file, "evaluation_file")
+    targets = _unique_names([resolve_target(session, project, raw, i) for i, raw in enumerate(request.targets)])
+    evaluation = EvaluationSettings.model_validate(request.model_dump(include=set(EvaluationSettings.model_fields)))
+    check_settings(file, evaluation)
+    spec = EvaluationSpec(**evaluation.model_dump(), evaluation_file=file.id, targets=targets)
+
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.project_id == project.id, Job.status.not_in(sorted(TERMINAL)))
+    )
+    if active >= settings.max_queued_jobs_per_project:
+        raise TooManyJobs(
+            f"This project already has {active} unfinished jobs (limit {settings.max_queued_jobs_per_project})."
+        )
+    job = enqueue_evaluation(session, project.id, spec, settings.fine_tune_queue, metadata=request.metadata)
+    session.refresh(job)
+    return job
+
+
+def get(session: Session, project: Project, job_id: str) -> Job:
+    return jobs.get(session, project, job_id, KIND)
+
+
+def list_evaluations(
+    session: Session, project: Project, after: str | None, limit: int, parent_id: str | None = None
+) -> tuple[list[Job], bool]:
+    if parent_id is None:
+        return jobs.list_of_kind(session, project, KIND, after, limit)
+    stmt = select(Job).where(Job.project_id == project.id, Job.kind == KIND, Job.parent_id == parent_id)
+    return page(session, stmt, Job.id, after, limit)
+
+
+def cancel(session: Session, project: Project, job_id: str) -> Job:
+    return jobs.cancel(session, project, job_id, KIND)
+
+
+def list_events(
+    session: Session, project: Project, job_id: str, after: str | None, limit: int
+) -> tuple[list[JobEvent], bool]:
+    return jobs.list_events(session, project, job_id, KIND, after, limit)
+
+
+def report_path(session: Session, project: Project, job_id: str):
+    """The published report of a finished evaluation (404 until there is one)."""
+    from models.errors import NotFound
+
+    job = get(session, project, job_id)
+    file = None
+    if job.result_files:
+        file = session.scalar(select(File).where(File.id == job.result_files[0], File.project_id == project.id))
+    if file is None:
+        raise NotFound("report of evaluation", job.id, param="evaluation_id")
+    return get_storage().path_of(file.storage_key)

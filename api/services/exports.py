@@ -1,0 +1,53 @@
+"""Export jobs: creation (sources and options checked up front), reads, cancel. Never commits."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.schemas.exports import CreateExport
+from api.services import jobs
+from api.services.fine_tuning import TooManyJobs
+from api.services.pagination import page
+from models.config import get_settings
+from models.export_spec import KIND, ExportOptions, build_spec, enqueue_export
+from models.job import Job, JobEvent
+from models.job_status import TERMINAL
+from models.project import Project
+
+
+def create(session: Session, project: Project, request: CreateExport) -> Job:
+    options = ExportOptions.model_validate(request.model_dump(include=set(ExportOptions.model_fields)))
+    spec = build_spec(session, project.id, request.source, options)
+    settings = get_settings()
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.project_id == project.id, Job.status.not_in(sorted(TERMINAL)))
+    )
+    if active >= settings.max_queued_jobs_per_project:
+        raise TooManyJobs(
+            f"This project already has {active} unfinished jobs (limit {settings.max_queued_jobs_per_project})."
+        )
+    return enqueue_export(session, project.id, spec, metadata=request.metadata)
+
+
+def get(session: Session, project: Project, job_id: str) -> Job:
+    return jobs.get(session, project, job_id, KIND)
+
+
+def list_exports(
+    session: Session, project: Project, after: str | None, limit: int, parent_id: str | None = None
+) -> tuple[list[Job], bool]:
+    if parent_id is None:
+        return jobs.list_of_kind(session, project, KIND, after, limit)
+    stmt = select(Job).where(Job.project_id == project.id, Job.kind == KIND, Job.parent_id == parent_id)
+    return page(session, stmt, Job.id, after, limit)
+
+
+def cancel(session: Session, project: Project, job_id: str) -> Job:
+    return jobs.cancel(session, project, job_id, KIND)
+
+
+def list_events(
+    session: Session, project: Project, job_id: str, after: str | None, limit: int
+) -> tuple[list[JobEvent], bool]:
+    return jobs.list_events(session, project, job_id, KIND, after, limit)

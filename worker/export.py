@@ -1,0 +1,500 @@
+"""The export stage: build an onnxruntime-genai model package, verify it, publish it.
+
+Runs under a held lease (worker/lease.py), like the fine-tuning stage. Phases, each an event and a
+progress step (step/total_steps on the job): prepare (unpack the adapters), build (the model builder, as
+a subprocess a cancel kills), package (multi: LoRA weights become graph inputs, one `.onnx_adapter` per
+adapter), verify (the parity gate, worker/onnx_gate.py), publish. A failed gate fails the job with
+code `parity_gate_failed` and publishes nothing. A cancel is honoured between phases and during the build
+and the gate.
+
+Adapter modes:
+- merged: the adapter is folded into the base weights (peft merge_and_unload), then built and quantized
+  like a base model;
+- separate: built with the builder's `adapter_path`: each LoRA pair stays its own MatMul, with the LoRA
+  weights kept unquantized;
+- multi: built like separate from the first adapter; the LoRA weights are then graph inputs whose
+  defaults are zero (no adapter active = the base model), and every adapter is written as
+  `adapters/<name>.onnx_adapter` (onnxruntime.AdapterFormat) to be activated with
+  `og.Adapters(model).load(path, name)` and `generator.set_active_adapter(adapters, name)`.
+
+Result contract (relied on by evaluation jobs and clients). When an export job succeeds:
+- `result_files[0]` is the package archive, `<job>-onnx.tar` (uncompressed tar). Its root holds
+  `genai_config.json`, the ONNX model (`model.onnx` + `model.onnx.data`), the tokenizer files
+  (`tokenizer.json`, `tokenizer_config.json`, chat template) and `manifest.json`; a multi package also
+  holds `adapters/<name>.onnx_adapter`. `og.Model(<extracted dir>)` loads it as is.
+- `result_files[1]` is `manifest.json` alone, then each `.onnx_adapter` alone (so a client can fetch one
+  adapter without the base).
+- `job.result` is the manifest dict plus `files` ({path in the archive: file id} for the files published
+  on their own) and `archive` ({file_id, filename, bytes, sha256}).
+
+The manifest (`manifest.json`):
+    format "grove.onnx-package", version 1, export_job_id, created_at,
+    base_model {name, source_sha256 (the store's weights), onnx_file, sha256, data_file, data_sha256},
+    precision, execution_provider, adapter_mode (null for a base model), quantization {block_size,
+    accuracy_level} (int4/int8), lora_inputs (multi: every LoRA graph input name),
+    adapters [{name, job_id, checkpoint_id, step, rank, alpha, target_modules, merged, file (path in the
+    archive, multi only), bytes, sha256, onnx_inputs (the input names it fills)}],
+    gate {passed, prompts, max_new_tokens, min_token_match, max_mean_abs_logit_diff, reference,
+    checks [{check, adapter, positions, token_match, mean_abs_logit_diff, max_abs_logit_diff, passed, sample}]},
+    builder {onnxruntime_genai, onnxruntime, seconds, arguments}, contents {path: {bytes, sha256}}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import string
+import tarfile
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from models.base import utcnow
+from models.config import get_settings
+from models.db import session_scope
+from models.errors import InvalidRequest
+from models.export_spec import FIXED_PROMPTS, ExportSpec
+from models.file import File
+from models.job import Job
+from models.job_status import JobStatus
+from models.model_store import resolve_model
+from models.results import publish_file
+from models.storage import get_storage
+from models.transitions import add_event, switch_job_status
+from worker.lease import Lease
+
+log = logging.getLogger(__name__)
+
+RESULTS_PURPOSE = "export-results"
+PHASES = ["prepare", "build", "package", "verify", "publish"]
+MANIFEST = "manifest.json"
+
+
+class _Stopped(Exception):
+    pass
+
+
+class Progress:
+    """Phase events and step/total_steps on the job, written only while this worker holds the lease."""
+
+    def __init__(self, job_id: str, lease: Lease):
+        self.job_id = job_id
+        self.lease = lease
+
+    def update(self, session, **values) -> None:
+        session.execute(
+            update(Job)
+            .where(Job.id == self.job_id, Job.lease_owner == self.lease.owner)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+
+    def phase(self, name: str, message: str, data: dict | None = None) -> None:
+        if self.lease.should_stop:
+            raise _Stopped()
+        step = PHASES.index(name)
+        with session_scope() as session:
+            self.update(session, step=step, total_steps=len(PHASES))
+            add_event(session, self.job_id, "info", message, data={"phase": name, "step": step} | (data or {}))
+
+    def event(self, message: str, data: dict | None = None, level: str = "info") -> None:
+        with session_scope() as session:
+            add_event(session, self.job_id, "warning" if level == "warning" else "info", message, data, level=level)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stored_path(session, project_id: str, file_id: str, what: str) -> Path:
+    file = session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
+    if file is None:
+        raise InvalidRequest(f"The {what} file {file_id} was deleted before the export ran.", code="file_not_found")
+    return get_storage().path_of(file.storage_key)
+
+
+def _unpack(archive: Path, destination: Path) -> Path:
+    destination.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(destination, filter="data")
+    return destination
+
+
+# --- gate prompts --------------------------------------------------------------------------------
+
+
+def _first_records(path: Path, n: int) -> list[dict]:
+    records = []
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                records.append(json.loads(raw))
+            if len(records) >= n:
+                break
+    return records
+
+
+def prompt_of(record: dict, text_template: str | None, chat_renderer) -> str | None:
+    """The part of an example before its answer: what a client would send to the model."""
+    if "messages" in record:
+        messages = record["messages"]
+        last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        context = [{"role": m["role"], "content": m["content"]} for m in messages[:last_assistant]]
+        return chat_renderer(context) if context else None
+    if "prompt" in record:
+        return record.get("prompt")
+    if text_template:
+        # Cut the template before its last field ("{text} -> {label}" gives "<text> -> ").
+        fields = [name for _, name, _, _ in string.Formatter().parse(text_template) if name]
+        cut = text_template.rfind("{" + fields[-1]) if fields else -1
+        head = text_template[:cut] if cut > 0 else text_template
+        try:
+            return head.format_map(record)
+        except (KeyError, ValueError, IndexError):
+            return None
+    return None
+
+
+def gate_prompts(spec: ExportSpec, session, project_id: str, base_dir: Path) -> tuple[list[str], str]:
+    """The gate's prompts and where they came from."""
+    if spec.gate.prompts:
+        return list(spec.gate.prompts), "request"
+    n = spec.gate.n_prompts
+    if spec.adapters:
+        parent = session.get(Job, spec.adapters[0].fine_tuning_job)
+        parent_spec = (parent.spec or {}) if parent is not None else {}
+        for key in ("validation_file", "training_file"):
+            file_id = parent_spec.get(key)
+            if not file_id:
+                continue
+            file = session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
+            if file is None:
+                continue
+            renderer = _chat_renderer(base_dir)
+            records = _first_records(get_storage().path_of(file.storage_key), n)
+            prompts = [p for p in (prompt_of(r, parent_spec.get("text_template"), renderer) for r in records) if p]
+            if prompts:
+                return prompts, f"{key} {file_id}"
+    return FIXED_PROMPTS[:n], "fixed"
+
+
+def _chat_renderer(base_dir: Path):
+    loaded = []
+
+    def render(messages: list[dict]) -> str:
+        from transformers import AutoTokenizer
+
+        if not loaded:
+            loaded.append(AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True))
+        tokenizer = loaded[0]
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception:  # no chat template: plain turns
+            return "\n".join(m["content"] for m in messages)
+
+    return render
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def run(job_id: str, lease: Lease) -> None:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        session.expunge(job)
+        spec = ExportSpec.model_validate(job.spec)
+        archives = {a.name: _stored_path(session, job.project_id, a.file_id, "adapter") for a in spec.adapters}
+    base = resolve_model(spec.model, param="source.model")
+    work_dir = get_settings().work_dir.resolve() / job.id
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    progress = Progress(job.id, lease)
+    try:
+        _run(job, spec, base, archives, work_dir, progress, lease)
+    except _Stopped:
+        _finish_stopped(job, lease)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _run(job: Job, spec: ExportSpec, base, archives: dict[str, Path], work_dir: Path, progress, lease) -> None:
+    from worker import onnx_build, onnx_gate, onnx_package
+
+    progress.phase("prepare", f"Preparing {spec.model} and {len(spec.adapters)} adapter(s).")
+    adapter_dirs = {name: _unpack(path, work_dir / "adapters" / name) for name, path in archives.items()}
+    with session_scope() as session:
+        prompts, prompt_source = gate_prompts(spec, session, job.project_id, base.path)
+
+    mode = spec.adapter_mode if spec.adapters else None
+    progress.phase("build", f"Building the {spec.precision} {spec.execution_provider} model ({mode or 'base model'}).")
+    package = work_dir / "package"
+    build_args = {
+        "cache_dir": work_dir / "builder-cache",
+        "block_size": spec.quantization.block_size,
+        "accuracy_level": spec.quantization.accuracy_level,
+        "should_stop": lambda: lease.should_stop,
+    }
+    first = spec.adapters[0] if spec.adapters else None
+    try:
+        if mode == "merged":
+            merged = onnx_build.merge_adapter(base.path, adapter_dirs[first.name], work_dir / "merged")
+            result = onnx_build.build(merged, package, spec.precision, spec.execution_provider, **build_args)
+            shutil.rmtree(merged, ignore_errors=True)
+        elif mode in ("separate", "multi"):
+            exclude = onnx_build.lora_node_names(onnx_build.num_hidden_layers(base.path), first.target_modules)
+            result = onnx_build.build(
+                base.path,
+                package,
+                spec.precision,
+                spec.execution_provider,
+                adapter_dir=adapter_dirs[first.name],
+                exclude_nodes=exclude,
+                **build_args,
+            )
+        else:
+            result = onnx_build.build(base.path, package, spec.precision, spec.execution_provider, **build_args)
+    except onnx_build.BuildStopped:
+        raise _Stopped() from None
+    except onnx_build.BuildFailed as exc:
+        _fail(job, lease, "export_build_failed", f"The ONNX build failed: {exc}")
+        return
+    progress.event(f"Built in {result.seconds:.1f} s.", data={"phase": "build", "seconds": round(result.seconds, 2)})
+
+    progress.phase("package", "Packaging the model and its adapters.")
+    lora_inputs: list[str] = []
+    adapter_files: dict[str, Path] = {}
+    adapter_inputs: dict[str, list[str]] = {}
+    try:
+        if mode == "multi":
+            inputs = onnx_package.make_lora_inputs(package)
+            lora_inputs = sorted(inputs)
+            for adapter in spec.adapters:
+                path = package / "adapters" / f"{adapter.name}.onnx_adapter"
+                adapter_inputs[adapter.name] = onnx_package.write_onnx_adapter(adapter_dirs[adapter.name], inputs, path)
+                adapter_files[adapter.name] = path
+        elif mode == "separate":
+            baked = onnx_package.lora_initializers(package / "model.onnx")
+            if not baked:
+                raise onnx_package.PackageError("the built model has no LoRA MatMuls")
+            adapter_inputs[first.name] = []
+    except onnx_package.PackageError as exc:
+        _fail(job, lease, "export_package_failed", f"Packaging failed: {exc}")
+        return
+
+    progress.phase("verify", f"Verifying against PyTorch on {len(prompts)} prompt(s) ({prompt_source}).")
+    checks = _checks(spec, mode)
+    try:
+        gate = onnx_gate.run_gate(
+            package,
+            base.path,
+            checks,
+            prompts,
+            adapter_dirs=adapter_dirs,
+            onnx_adapters=adapter_files or None,
+            max_new_tokens=spec.gate.max_new_tokens,
+            min_token_match=spec.gate.min_token_match,
+            max_mean_abs_logit_diff=spec.gate.max_mean_abs_logit_diff,
+            provider=spec.execution_provider,
+            should_stop=lambda: lease.should_stop,
+        )
+    except onnx_gate.GateStopped:
+        raise _Stopped() from None
+    gate.report["prompt_source"] = prompt_source
+    if not gate.passed:
+        progress.event("Parity gate failed; nothing is published.", data=gate.report, level="warning")
+        _fail(job, lease, "parity_gate_failed", _gate_message(gate))
+        return
+    progress.event(
+        "Parity gate passed: "
+        + "; ".join(f"{c['check']}: {c['token_match']:.0%} tokens" for c in gate.report["checks"]),
+        data=gate.report,
+    )
+
+    progress.phase("publish", "Publishing the package.")
+    manifest = _manifest(job, spec, base, package, result, gate.report, lora_inputs, adapter_files, adapter_inputs)
+    (package / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    archive = _pack(package, work_dir / f"{job.id}-onnx.tar")
+    _publish_and_succeed(job, lease, spec, manifest, archive, package, adapter_files)
+
+
+def _checks(spec: ExportSpec, mode: str | None) -> list:
+    from worker.onnx_gate import Check
+
+    if mode == "multi":
+        return [Check("base", None, None)] + [Check(a.name, a.name, a.name) for a in spec.adapters]
+    if mode in ("merged", "separate"):
+        return [Check(spec.adapters[0].name, None, spec.adapters[0].name)]
+    return [Check("base", None, None)]
+
+
+def _gate_message(gate) -> str:
+    report = gate.report
+    parts = []
+    for check in gate.failures():
+        diff = check["mean_abs_logit_diff"]
+        parts.append(
+            f"{check['check']}: {check['token_match']:.0%} of {check['positions']} greedy tokens match PyTorch "
+            f"(need {report['min_token_match']:.0%}), mean |logit diff| "
+            f"{'not finite' if diff is None else f'{diff:.4g}'} (limit {report['max_mean_abs_logit_diff']:.4g})"
+        )
+    return "The exported model failed the parity gate: " + "; ".join(parts) + "."
+
+
+def _manifest(job, spec, base, package, build_result, gate_report, lora_inputs, adapter_files, adapter_inputs) -> dict:
+    import onnxruntime
+    import onnxruntime_genai
+
+    onnx_file = package / "model.onnx"
+    data_file = package / "model.onnx.data"
+    weights = sorted(base.path.glob("*.safetensors"))
+    source_sha = sha256_of(weights[0]) if len(weights) == 1 else None
+    adapters = []
+    for adapter in spec.adapters:
+        entry = {
+            "name": adapter.name,
+            "job_id": adapter.fine_tuning_job,
+            "checkpoint_id": adapter.checkpoint,
+            "step": adapter.step,
+            "rank": adapter.rank,
+            "alpha": adapter.alpha,
+            "target_modules": adapter.target_modules,
+            "merged": spec.adapter_mode == "merged",
+            "file": None,
+            "bytes": None,
+            "sha256": None,
+            "onnx_inputs": adapter_inputs.get(adapter.name, []),
+        }
+        path = adapter_files.get(adapter.name)
+        if path is not None:
+            entry |= {
+                "file": str(path.relative_to(package)),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_of(path),
+            }
+        adapters.append(entry)
+    contents = {
+        str(p.relative_to(package)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in sorted(package.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {
+        "format": "grove.onnx-package",
+        "version": 1,
+        "export_job_id": job.id,
+        "created_at": utcnow().isoformat(),
+        "base_model": {
+            "name": spec.model,
+            "source_sha256": source_sha,
+            "onnx_file": onnx_file.name,
+            "sha256": sha256_of(onnx_file),
+            "data_file": data_file.name if data_file.exists() else None,
+            "data_sha256": sha256_of(data_file) if data_file.exists() else None,
+        },
+        "precision": spec.precision,
+        "execution_provider": spec.execution_provider,
+        "adapter_mode": spec.adapter_mode if spec.adapters else None,
+        "quantization": spec.quantization.model_dump() if spec.precision in ("int4", "int8") else None,
+        "lora_inputs": lora_inputs,
+        "adapters": adapters,
+        "gate": gate_report,
+        "builder": {
+            "onnxruntime_genai": onnxruntime_genai.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "seconds": round(build_result.seconds, 2),
+            # The command line without this worker's paths.
+            "arguments": [a for a in build_result.command[3:] if not a.startswith("/")],
+        },
+        "contents": contents,
+    }
+    return manifest
+
+
+def _pack(package: Path, archive: Path) -> Path:
+    """An uncompressed tar of the package (weights do not compress); manifest.json first."""
+    with tarfile.open(archive, "w") as tar:
+        tar.add(package / MANIFEST, arcname=MANIFEST)
+        for path in sorted(package.rglob("*")):
+            if path.is_file() and path.name != MANIFEST:
+                tar.add(path, arcname=str(path.relative_to(package)))
+    return archive
+
+
+def _publish_and_succeed(job, lease, spec, manifest, archive, package, adapter_files) -> None:
+    # One transaction: the files, the job's pointers to them and `succeeded` land together, or (lease
+    # lost, cancel won the race) none of them does and the copies are removed.
+    with session_scope() as session:
+        archive_file = publish_file(
+            session, job.project_id, archive, archive.name, purpose=RESULTS_PURPOSE, job_id=job.id
+        )
+        manifest_file = publish_file(
+            session,
+            job.project_id,
+            package / MANIFEST,
+            f"{job.id}-manifest.json",
+            purpose=RESULTS_PURPOSE,
+            job_id=job.id,
+        )
+        files = {MANIFEST: manifest_file.id}
+        for name, path in adapter_files.items():
+            published = publish_file(
+                session, job.project_id, path, f"{job.id}-{name}.onnx_adapter", purpose=RESULTS_PURPOSE, job_id=job.id
+            )
+            files[str(path.relative_to(package))] = published.id
+        archive_info = {
+            "file_id": archive_file.id,
+            "filename": archive_file.filename,
+            "bytes": archive_file.bytes,
+            "sha256": archive_file.sha256,
+        }
+        result = manifest | {"files": files, "archive": archive_info}
+        Progress(job.id, lease).update(
+            session,
+            result_files=[archive_file.id, *files.values()],
+            result=result,
+            step=len(PHASES),
+            total_steps=len(PHASES),
+            estimated_finish=None,
+        )
+        succeeded = switch_job_status(
+            session,
+            job.id,
+            JobStatus.succeeded,
+            only_from={JobStatus.running},
+            lease_owner=lease.owner,
+            message=f"Export published: {archive_file.filename} ({archive_file.bytes} bytes).",
+            data={"archive": archive_info, "result_files": [archive_file.id, *files.values()]},
+        )
+        if not succeeded:
+            session.rollback()
+    if not succeeded:
+        _finish_stopped(job, lease)
+
+
+def _fail(job: Job, lease: Lease, code: str, message: str) -> None:
+    with session_scope() as session:
+        switch_job_status(
+            session,
+            job.id,
+            JobStatus.failed,
+            only_from={JobStatus.running, JobStatus.cancelling},
+            lease_owner=lease.owner,
+            error={"code": code, "message": message, "param": None, "type": "system_error"},
+        )
+
+
+def _finish_stopped(job: Job, lease: Lease) -> None:
+    with session_scope() as session:
+        switch_job_status(
+            session,
+            job.id,
+            JobStatus.cancelled,
+            only_from={JobStatus.cancelling},
+            lease_owner=lease.owner,
+            message="Export cancelled.",
+        )
