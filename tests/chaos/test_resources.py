@@ -44,8 +44,14 @@ def test_storage_full_during_publish(small_disk, private_redis, tiny_model):
             assert job["error"]["code"] == "storage_full" and job["error"]["type"] == "system_error"
             assert job["result_files"] == []
             assert list((small_disk / "tmp").iterdir()) == []
+            # Nothing half-published is listed: besides the upload, only the job's checkpoint archives (small
+            # enough to fit before the disk filled), each downloadable in full.
             listed = http.get("/v1/files?limit=100").json()["data"]
-            assert [f["id"] for f in listed] == [file_id]  # nothing half-published is listed
+            checkpoints = http.get(f"/v1/fine_tuning/jobs/{first}/checkpoints").json()["data"]
+            assert sorted(f["id"] for f in listed) == sorted([file_id] + [c["file_id"] for c in checkpoints])
+            for listed_file in listed:
+                content = http.get(f"/v1/files/{listed_file['id']}/content")
+                assert content.status_code == 200 and len(content.content) == listed_file["bytes"]
 
             worker_pid = stack.worker.pid
             subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
