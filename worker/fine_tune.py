@@ -211,6 +211,14 @@ class JobProgress:
                 add_event(session, self.job_id, type, message, data=data)
 
     def should_stop(self) -> bool:
+        """Asked after every optimizer step. The heartbeat polls only once a second, so a cancel is also
+        read here: one primary-key lookup per step is what stops a job within one step of the request."""
+        if self.lease.should_stop:
+            return True
+        with session_scope() as session:
+            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
+        if status == JobStatus.cancelling:
+            self.lease.cancel_requested.set()
         return self.lease.should_stop
 
 
