@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     min_examples: int = Field(10, description="Fewest examples a training or validation file may hold.")
     max_queued_jobs_per_project: int = Field(100, description="Non-terminal jobs a project may hold at once.")
     lease_seconds: int = Field(120, description="A running job's lease; the worker renews it while alive.")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Runs a job may start; one whose worker dies this often (out of memory, say) fails instead of "
+        "being requeued forever.",
+    )
     redispatch_after_seconds: int = Field(
         600, description="Re-send a queued job's message if no worker claimed it within this time."
     )

@@ -3,8 +3,9 @@
 - A queued job whose message never went out (publish failed after commit), or went out long ago and
   was never claimed (broker restarted and lost it), is published again. The claim is conditional,
   so an extra message is harmless.
-- A running job whose lease expired (its worker died) goes back to queued and is published again;
-  a cancelling one whose worker died is simply cancelled.
+- A running job whose lease expired (its worker died) goes back to queued and is published again,
+  unless its workers died `max_attempts` times: such a job (one that runs its worker out of memory,
+  say) fails with `worker_lost`. A cancelling one whose worker died is simply cancelled.
 - Sweeps hold no worker and are never published: each pass advances them (worker/sweep.py).
 """
 
@@ -31,16 +32,16 @@ log = logging.getLogger(__name__)
 def reconcile_once() -> dict[str, int]:
     settings = get_settings()
     now = utcnow()
-    counts = {"requeued": 0, "cancelled": 0, "republished": 0, "sweeps": 0}
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "republished": 0, "sweeps": 0}
     with session_scope() as session:
         expired = session.execute(
-            select(Job.id, Job.status).where(
+            select(Job.id, Job.status, Job.attempts, Job.step).where(
                 Job.status.in_([JobStatus.running, JobStatus.cancelling]),
                 Job.lease_expires_at < now,
                 Job.kind != SWEEP_KIND,
             )
         ).all()
-        for job_id, status in expired:
+        for job_id, status, attempts, step in expired:
             if status == JobStatus.cancelling:
                 if switch_job_status(
                     session,
@@ -50,6 +51,15 @@ def reconcile_once() -> dict[str, int]:
                     message="Job cancelled; its worker stopped before confirming.",
                 ):
                     counts["cancelled"] += 1
+            elif attempts >= settings.max_attempts:
+                if switch_job_status(
+                    session,
+                    job_id,
+                    JobStatus.failed,
+                    only_from={JobStatus.running},
+                    error=worker_lost(attempts, step),
+                ):
+                    counts["failed"] += 1
             elif switch_job_status(
                 session,
                 job_id,
@@ -89,6 +99,16 @@ def reconcile_once() -> dict[str, int]:
     if any(counts.values()):
         log.info("reconciler: %s", counts)
     return counts
+
+
+def worker_lost(attempts: int, step: int | None) -> dict:
+    return {
+        "code": "worker_lost",
+        "message": f"The job's worker died {attempts} times while running it (the last time at step {step or 0}). "
+        "The usual cause is running out of memory: lower batch_size or max_seq_len, or give the worker more memory.",
+        "param": None,
+        "type": "system_error",
+    }
 
 
 class ReconcilerThread(threading.Thread):

@@ -17,6 +17,7 @@ from models.queue import TASK_FOR_KIND, get_celery
 from models.transitions import switch_job_status
 from worker import evaluate, export, fine_tune
 from worker.lease import Lease, claim
+from worker.workspace import remove_finished_work_dirs
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -40,7 +41,12 @@ def classify_failure(exc: BaseException) -> dict:
             "param": None,
             "type": "system_error",
         }
-    if isinstance(exc, MemoryError) or exc.__class__.__name__ == "OutOfMemoryError":
+    if (
+        isinstance(exc, MemoryError)
+        or exc.__class__.__name__ == "OutOfMemoryError"
+        # torch's CPU allocator reports a failed allocation as a RuntimeError.
+        or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    ):
         return {
             "code": "out_of_memory",
             "message": f"The worker ran out of memory: {exc}",
@@ -56,6 +62,10 @@ def classify_failure(exc: BaseException) -> dict:
 
 
 def run_job(job_id: str, kind: str) -> str:
+    try:
+        remove_finished_work_dirs()
+    except Exception:
+        log.exception("cleaning finished jobs' work directories failed; going on")
     lease = claim(job_id)
     if lease is None:
         log.info("job %s is not queued (already claimed, finished or cancelled); skipping", job_id)

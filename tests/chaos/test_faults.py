@@ -88,7 +88,9 @@ def test_worker_killed_at_random_moments(chaos_stack):
         file_id = upload(http, dataset(40)).json()["id"]
         body = SPEC | {
             "training_file": file_id,
-            "max_steps": 20,
+            "max_steps": 60,
+            "save_every_steps": 5,
+            "log_every_steps": 1,
             "method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4}}},
         }
         started = time.monotonic()
@@ -97,10 +99,11 @@ def test_worker_killed_at_random_moments(chaos_stack):
         duration = time.monotonic() - started
         expected = adapter_tensors(http, reference)
 
+        redone: list[int] = []
         for _ in range(trials):
             job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
             # Somewhere between the claim and the publish: loading, training, saving or publishing.
-            time.sleep(rng.uniform(0.2, max(0.5, duration)))
+            time.sleep(rng.uniform(0.2, max(0.5, 0.9 * duration)))
             chaos_stack.stop_worker(signal.SIGKILL)
             chaos_stack.start_worker()
             job = wait_all(http, [job_id], timeout=180)[job_id]
@@ -112,10 +115,23 @@ def test_worker_killed_at_random_moments(chaos_stack):
             for earlier, later in zip(claims, claims[1:], strict=False):
                 assert "queued" in kinds[earlier:later], kinds
             assert kinds.count("succeeded") == 1
+            # At most one checkpoint interval is redone: each later attempt resumes within 5 steps of where
+            # the killed one got to.
+            reached = 0
+            events = http.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=1000").json()["data"]
+            for event in reversed(events):
+                data = event.get("data") or {}
+                if event["event_type"] == "metrics":
+                    reached = max(reached, data["step"])
+                elif "resumed_from_step" in data and reached:  # a later attempt's start of training
+                    resumed = data["resumed_from_step"] or 0
+                    assert reached - resumed <= 5, (reached, resumed)
+                    redone.append(reached - resumed)
             got = adapter_tensors(http, job)
             assert got.keys() == expected.keys()
             for name, value in expected.items():
                 assert (got[name] - value).abs().max() < 1e-5, name
+        print(f"\nsteps redone after each kill (checkpoint every 5): {redone}")
 
 
 def test_api_killed_during_uploads_and_creations(chaos_stack):

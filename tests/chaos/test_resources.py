@@ -1,16 +1,22 @@
-"""The artifact store fills up during publish: the job fails with a clear error, no temp file stays,
-and the same worker goes on to the next job."""
+"""Resources run out: the artifact store fills up during publish, or the kernel kills the worker for memory.
+The job fails with a clear error, no temp file stays, and the same worker goes on to the next job."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.chaos.test_faults import SPEC, client_for, dataset, upload, wait_all
+from tests.chaos.test_faults import SPEC, client_for, dataset, event_types, upload, wait_all
 from tests.conftest import Stack, new_key
 
 
@@ -60,3 +66,82 @@ def test_storage_full_during_publish(small_disk, private_redis, tiny_model):
             assert stack.worker.pid == worker_pid and stack.worker.poll() is None
     finally:
         stack.stop()
+
+
+@pytest.fixture
+def memory_cgroup():
+    """A cgroup (v1 memory controller) with a 1.5 GiB limit: the kernel OOM-kills what grows past it."""
+    path = Path("/sys/fs/cgroup/memory") / f"grove-test-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+        (path / "memory.limit_in_bytes").write_text(str(1536 * 1024 * 1024))
+    except OSError as exc:
+        pytest.skip(f"cannot make a memory cgroup here: {exc}")
+    yield path
+    for pid in (path / "cgroup.procs").read_text().split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    for _ in range(50):
+        try:
+            path.rmdir()
+            break
+        except OSError:
+            time.sleep(0.1)
+
+
+def move_process_group(pgid: int, cgroup: Path) -> None:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # the fields after the command: state, ppid, pgrp, ...
+                (cgroup / "cgroup.procs").write_text(stat.parent.name)
+
+
+def long_rows(n: int) -> bytes:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+    rows = [{"text": " ".join(words[(i + j) % len(words)] for j in range(1500)), "label": "joy"} for i in range(n)]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def test_worker_killed_for_memory_fails_the_job_and_takes_the_next(memory_cgroup, private_redis, tiny_model):
+    """The kernel OOM-kills the worker's pool process on every attempt: after `max_attempts` the job fails
+    with `worker_lost` instead of looping, its scratch directory goes, and the worker runs the next job."""
+    work_dir = Path(tempfile.mkdtemp(prefix="grove-oom-work-"))
+    stack = Stack(
+        f"oom-{uuid.uuid4().hex[:6]}",
+        {
+            "GROVE_BROKER_URL": private_redis.url,
+            "GROVE_FINE_TUNE_QUEUE": "oom",
+            "GROVE_WORK_DIR": str(work_dir),
+            "GROVE_LEASE_SECONDS": "4",
+            "GROVE_RUN_RECONCILER": "true",
+            "GROVE_RECONCILE_INTERVAL_SECONDS": "1",
+            "GROVE_MAX_ATTEMPTS": "2",
+        },
+    ).start()
+    try:
+        time.sleep(3)  # the pool process is forked before it is moved with its parent
+        move_process_group(stack.worker.pid, memory_cgroup)
+        with client_for(stack, new_key()) as http:
+            heavy_file = upload(http, long_rows(16)).json()["id"]
+            # 16 rows of ~2,000 tokens in one micro-batch: gigabytes of logits over a 49k vocabulary.
+            heavy = SPEC | {"training_file": heavy_file, "max_steps": 2, "max_seq_len": 2048}
+            heavy |= {"hyperparameters": {"batch_size": 16}, "gradient_accumulation_steps": 1}
+            created = http.post("/v1/fine_tuning/jobs", json=heavy)
+            assert created.status_code == 200, created.text
+            first = created.json()["id"]
+            job = wait_all(http, [first], timeout=180)[first]
+            assert job["status"] == "failed", job
+            assert job["error"]["code"] == "worker_lost" and job["error"]["type"] == "system_error"
+            assert "memory" in job["error"]["message"]
+            assert event_types(http, first).count("started") == 2
+            assert int((memory_cgroup / "memory.failcnt").read_text()) > 0
+
+            small_file = upload(http, dataset(10)).json()["id"]
+            second = http.post("/v1/fine_tuning/jobs", json=SPEC | {"training_file": small_file, "max_steps": 2})
+            assert wait_all(http, [second.json()["id"]], timeout=120)[second.json()["id"]]["status"] == "succeeded"
+            assert stack.worker.poll() is None
+            assert not (work_dir / first).exists()  # the next job's worker removed the dead job's scratch
+    finally:
+        stack.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
