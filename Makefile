@@ -7,7 +7,7 @@ PORT ?= 8000
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-export bench-eval bench-ecosystem bench-sweep bench-train chaos clean
+.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-export bench-eval bench-ecosystem bench-sweep bench-train bench-limits chaos fuzz clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -79,10 +79,19 @@ bench-pagination: install
 bench-load: install
 	$(PY) bench/load.py
 
+# Latency of status polling without and with the per-key rate limit (Redis), for docs/RELIABILITY.md (Security).
+bench-limits: install
+	$(PY) bench/request_limits.py
+
 # Fault scenarios at full scale (50 jobs through a broker loss, 20 worker kills, 50 requests through an
 # API kill, a database restart); CI runs the same tests at a small scale. Figures: docs/RELIABILITY.md.
 chaos: install test-models
 	GROVE_CHAOS_FULL=1 $(BIN)/pytest tests/chaos -s -v
+
+# Schemathesis over every operation of the OpenAPI spec against a live API on PostgreSQL and Redis: no 5xx, no
+# response outside the spec. CI runs the same test with 8 examples per operation (~30 s); this draws 1000 (~9 min).
+fuzz: install test-models
+	GROVE_FUZZ_MAX_EXAMPLES=$${GROVE_FUZZ_MAX_EXAMPLES:-1000} $(BIN)/pytest tests/api/test_fuzz.py -p no:cacheprovider -q
 
 clean:
 	rm -rf var/grove.db* var/broker.sqlite* var/storage var/work

@@ -9,8 +9,21 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import error_response, install_error_handlers
+from api.limits import RequestLimits
 from api.observability import RequestObservability
-from api.routes import evaluations, exports, files, fine_tuning, health, metrics, models, page, sweeps, webhooks
+from api.routes import (
+    evaluations,
+    exports,
+    files,
+    fine_tuning,
+    health,
+    keys,
+    metrics,
+    models,
+    page,
+    sweeps,
+    webhooks,
+)
 from models.config import get_settings
 from models.errors import PayloadTooLarge
 from models.logs import configure_logging
@@ -70,8 +83,9 @@ def create_app() -> FastAPI:
         description="Self-hosted fine-tuning service with an OpenAI-compatible API.",
     )
     install_error_handlers(app)
-    for module in (health, files, fine_tuning, models, exports, evaluations, sweeps, webhooks, metrics, page):
+    for module in (health, files, fine_tuning, models, exports, evaluations, sweeps, webhooks, keys, metrics, page):
         app.include_router(module.router)
     app.add_middleware(UploadLimit)
+    app.add_middleware(RequestLimits)  # JSON body size and the per-key rate limit (api/limits.py)
     app.add_middleware(RequestObservability)
     return app

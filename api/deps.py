@@ -1,4 +1,9 @@
-"""Request-scoped dependencies: the database session (the only place that commits) and the caller."""
+"""Request-scoped dependencies: the database session (the only place that commits) and the caller.
+
+A key is looked up by its sha256 (models/project.py), never compared with a stored key. Its scope decides
+what it reaches: a project key its own project's resources (`ProjectDep`), an admin key the key management
+routes (`AdminDep`); each gets 403 on the other's routes.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.db import session_scope
-from models.errors import Unauthorized
-from models.project import ApiKey, Project, hash_key
+from models.errors import PermissionDenied, Unauthorized
+from models.project import ADMIN_SCOPE, PROJECT_SCOPE, ApiKey, Project, hash_key
 
 
 def get_session() -> Iterator[Session]:
@@ -23,19 +28,43 @@ def get_session() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_project(request: Request, session: SessionDep) -> Project:
+def bearer_key(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("Missing API key. Send 'Authorization: Bearer <key>'.")
-    project = session.scalar(
-        select(Project)
-        .join(ApiKey, ApiKey.project_id == Project.id)
-        .where(ApiKey.key_hash == hash_key(key.strip()), ApiKey.revoked_at.is_(None))
-    )
-    if project is None:
+    return key.strip()
+
+
+def _caller(request: Request, session: Session) -> tuple[ApiKey, Project | None]:
+    found = session.execute(
+        select(ApiKey, Project)
+        .outerjoin(Project, Project.id == ApiKey.project_id)
+        .where(ApiKey.key_hash == hash_key(bearer_key(request)), ApiKey.revoked_at.is_(None))
+    ).first()
+    if found is None:
         raise Unauthorized("Incorrect API key provided.")
+    return found[0], found[1]
+
+
+def get_project(request: Request, session: SessionDep) -> Project:
+    key, project = _caller(request, session)
+    if key.scope != PROJECT_SCOPE or project is None:
+        raise PermissionDenied(
+            "This is an admin key: it manages API keys (/v1/admin/keys) and nothing else. "
+            "Use a project key for files, jobs and the other resources."
+        )
     return project
 
 
+def get_admin_key(request: Request, session: SessionDep) -> ApiKey:
+    key, _ = _caller(request, session)
+    if key.scope != ADMIN_SCOPE:
+        raise PermissionDenied(
+            "Managing API keys needs an admin key (grove keys create --admin); this key belongs to a project."
+        )
+    return key
+
+
 ProjectDep = Annotated[Project, Depends(get_project)]
+AdminDep = Annotated[ApiKey, Depends(get_admin_key)]

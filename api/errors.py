@@ -5,15 +5,71 @@ from __future__ import annotations
 import logging
 import re
 
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from pydantic import BaseModel
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import GroveError, InvalidRequest, ServiceUnavailable
 
 log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error response of the API, whatever its status."""
+
+    error: ErrorBody
+
+
+# The statuses /v1 routes answer with the envelope (documented on each operation of the OpenAPI spec). 422 is
+# never sent: request validation errors are 400s.
+ERROR_STATUSES = {
+    400: "Invalid request; `param` names the field.",
+    401: "Missing or wrong API key.",
+    403: "The key's scope does not reach this route (an admin key on a project route, or the other way round).",
+    404: "Not found, also for another project's objects.",
+    409: "Conflict with the object's state.",
+    413: "Upload or request body too large.",
+    429: "Rate limit or unfinished-jobs limit reached (see Retry-After when present).",
+    503: "The database or the artifact store is unavailable; retry (see Retry-After).",
+}
+
+
+def document_errors(app: FastAPI) -> None:
+    """OpenAPI: the error envelope on every /v1 operation, and no 422 (FastAPI's default, never sent here)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()  # FastAPI's, cached until the routes change
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "ErrorEnvelope" in components:
+            return schema
+        envelope = ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(envelope.pop("$defs", {}))
+        components["ErrorEnvelope"] = envelope
+        content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                if path.startswith("/v1/"):
+                    for status, description in ERROR_STATUSES.items():
+                        responses.setdefault(str(status), {"description": description, "content": content})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        return schema
+
+    app.openapi = openapi
 
 
 def error_response(error: GroveError, headers: dict | None = None) -> JSONResponse:
@@ -32,6 +88,8 @@ def _param_from_loc(loc: tuple) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    document_errors(app)
+
     @app.exception_handler(GroveError)
     async def _grove_error(_: Request, exc: GroveError) -> JSONResponse:
         return error_response(exc)
@@ -60,6 +118,28 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             ServiceUnavailable("The database is unavailable; retry shortly."), headers={"Retry-After": "5"}
         )
+
+    @app.exception_handler(BotoCoreError)
+    @app.exception_handler(ClientError)
+    async def _storage_down(_: Request, exc: Exception) -> JSONResponse:
+        # Only the S3 backend raises these; a missing object is already a FileNotFoundError (404).
+        log.warning("artifact store unavailable: %s", exc)
+        return error_response(
+            ServiceUnavailable("The artifact store is unavailable; retry shortly."), headers={"Retry-After": "5"}
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Still a 500, but in the error envelope (with the request id in the logs), never a bare text page.
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(GroveError("Internal server error."))
+
+    @app.exception_handler(DataError)
+    async def _unstorable_value(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the request carried (a NUL character in a string, a number out of its
+        # column's range): the request is at fault, not the server.
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
+        return error_response(InvalidRequest(f"The request holds a value the database cannot take: {reason}."))
 
     @app.exception_handler(DBAPIError)
     async def _database_error(_: Request, exc: DBAPIError) -> JSONResponse:

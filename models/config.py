@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,7 +32,27 @@ class Settings(BaseSettings):
     work_dir: Path = Field(Path("var/work"), description="Worker scratch space (checkpoints, temp output).")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload; larger gets 413.")
     min_examples: int = Field(10, description="Fewest examples a training or validation file may hold.")
-    max_queued_jobs_per_project: int = Field(100, description="Non-terminal jobs a project may hold at once.")
+    max_queued_jobs_per_project: int = Field(
+        100, description="Unfinished (non-terminal) jobs of all kinds a project may hold at once; more gets 429."
+    )
+    max_json_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Largest request body of any route but the upload (JSON job specs and the like); larger gets 413.",
+    )
+    rate_limit: str | None = Field(
+        None,
+        description="Requests each API key may make, in the limits library's notation ('100/second', "
+        "'6000 per minute; 200 per second'); past it 429 with Retry-After. Unset: no rate limit.",
+    )
+    rate_limit_strategy: Literal["moving-window", "fixed-window"] = Field(
+        "moving-window", description="How requests are counted: a moving window (exact) or fixed windows (cheaper)."
+    )
+    rate_limit_storage_url: str | None = Field(
+        None,
+        description="Where rate-limit counters live (redis://..., memory://). Unset: the broker's Redis when the "
+        "broker is Redis (shared by all API processes), else each process's memory.",
+    )
     lease_seconds: int = Field(120, description="A running job's lease; the worker renews it while alive.")
     max_attempts: int = Field(
         3,
@@ -53,7 +74,11 @@ class Settings(BaseSettings):
         None, description="Celery queue of CPU export jobs; default: the fine-tune queue (any worker can build)."
     )
     export_cuda_queue: str = Field("export_cuda", description="Celery queue of CUDA export jobs (GPU workers).")
-    trust_remote_code: bool = Field(False, description="Allow models whose code ships with their weights.")
+    trust_remote_code_models: str = Field(
+        "",
+        description="Comma-separated base model names (model store directories) allowed to run Python code shipped "
+        "with their weights (transformers' trust_remote_code). Any other model that needs it is refused.",
+    )
     torch_threads: int | None = Field(None, description="Threads for CPU training; default: all cores.")
 
     # Ecosystem (issue 7): maintenance queue, webhooks, live events, logs.
@@ -79,6 +104,34 @@ class Settings(BaseSettings):
     sse_heartbeat_seconds: float = Field(15.0, description="Comment line sent on idle event streams this often.")
     log_format: str = Field("json", description="Log lines as 'json' (one object per line) or 'text'.")
     log_level: str = Field("INFO", description="Log level of the API and worker processes.")
+
+    # Artifact store (issue 7): a directory on a shared volume, or an S3-compatible bucket (models/storage_s3.py).
+    storage_backend: Literal["local", "s3"] = Field(
+        "local",
+        description="Where uploads and results live: 'local' (GROVE_STORAGE_DIR, a disk or a volume the API and "
+        "every worker mount) or 's3' (an S3-compatible bucket; GROVE_STORAGE_DIR then only stages files locally).",
+    )
+    s3_bucket: str | None = Field(
+        None,
+        description="Bucket of the s3 backend (it must exist). Credentials come from the standard AWS variables "
+        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE) or the instance's role.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible service (MinIO, Ceph, R2, ...): http://minio:9000; unset: AWS."
+    )
+    s3_region: str | None = Field(None, description="Region of the bucket; unset: AWS_DEFAULT_REGION, the AWS config.")
+    s3_prefix: str = Field("", description="Key prefix inside the bucket (a folder, e.g. 'grove/'), to share a bucket.")
+    s3_multipart_chunk_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        description="Objects larger than this move in parts of this size (multipart upload, ranged parallel download).",
+    )
+    s3_presigned_downloads: bool = Field(
+        False,
+        description="Answer file downloads with a 307 redirect to a presigned bucket URL instead of streaming them "
+        "through the API (clients must follow redirects: curl -L).",
+    )
+    s3_presign_expiry_seconds: int = Field(300, ge=1, description="Lifetime of a presigned download URL.")
 
 
 @lru_cache

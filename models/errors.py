@@ -33,6 +33,12 @@ class Unauthorized(GroveError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(GroveError):
+    status_code = 403
+    type = "permission_error"
+    code = "insufficient_scope"
+
+
 class NotFound(GroveError):
     status_code = 404
     type = "invalid_request_error"
@@ -52,6 +58,18 @@ class PayloadTooLarge(GroveError):
     status_code = 413
     type = "invalid_request_error"
     code = "file_too_large"
+
+
+class TooManyJobs(GroveError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "too_many_jobs"
+
+
+class RateLimited(GroveError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
 
 class RangeNotSatisfiable(GroveError):

@@ -228,9 +228,8 @@ def check_options(options: ExportOptions, n_adapters: int, param_prefix: str = "
 
 def read_adapter_config(file: File) -> dict:
     """adapter_config.json from a published adapter archive (a flat tar, see worker/fine_tune.pack_adapter)."""
-    path = get_storage().path_of(file.storage_key)
     try:
-        with tarfile.open(path) as tar:
+        with get_storage().local_copy(file.storage_key) as path, tarfile.open(path) as tar:
             member = tar.extractfile("adapter_config.json")
             if member is None:
                 raise KeyError("adapter_config.json")

@@ -1,7 +1,12 @@
 """Base models available to workers: one directory per name under the model store.
 
 A model is ready when its `grove-model.json` exists (worker.prepare_models writes it last). Names are
-resolved only against this directory; a spec can never point at an arbitrary server path.
+resolved only against this directory; a spec can never point at an arbitrary server path: a name is one
+lowercase path component (no `/`, no `..`), and an entry of the store that is a symlink is not a model.
+
+A model whose config.json maps its classes to Python code shipped with it (`auto_map`) runs that code
+when loaded (transformers' trust_remote_code); such a model is refused unless an operator lists it in
+GROVE_TRUST_REMOTE_CODE_MODELS. Weights load from safetensors only (`load_options`), never from pickles.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ class BaseModelInfo:
 
 def _load(path: Path) -> BaseModelInfo | None:
     manifest = path / MANIFEST
-    if not manifest.is_file():
+    if path.is_symlink() or not manifest.is_file():
         return None
     meta = json.loads(manifest.read_text())
     return BaseModelInfo(
@@ -67,4 +72,35 @@ def resolve_model(name: str, store: Path | None = None, param: str = "model") ->
             param=param,
             code="model_not_found",
         )
+    if needs_remote_code(info.path) and not trusts_remote_code(name):
+        raise InvalidRequest(
+            f"Model {name!r} ships its own Python code (auto_map in its config.json), which Grove runs only for "
+            "models an operator lists in GROVE_TRUST_REMOTE_CODE_MODELS.",
+            param=param,
+            code="remote_code_not_allowed",
+        )
     return info
+
+
+def needs_remote_code(model_dir: Path) -> bool:
+    """Whether loading the model would import code from its directory (config.json's `auto_map`)."""
+    config = model_dir / "config.json"
+    try:
+        return config.is_file() and bool(json.loads(config.read_text()).get("auto_map"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def trusts_remote_code(name: str) -> bool:
+    """Only a model an operator allowlisted (GROVE_TRUST_REMOTE_CODE_MODELS) may run code shipped with it."""
+    allowed = {n.strip() for n in get_settings().trust_remote_code_models.split(",") if n.strip()}
+    return name in allowed
+
+
+def load_options(name: str, weights: bool = True) -> dict:
+    """from_pretrained keyword arguments for base model `name`: local files only, its code only if allowlisted,
+    and (for weights) safetensors only. `weights=False` for tokenizers and configs."""
+    options: dict = {"local_files_only": True, "trust_remote_code": trusts_remote_code(name)}
+    if weights:
+        options["use_safetensors"] = True
+    return options

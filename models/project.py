@@ -4,13 +4,17 @@ import hashlib
 import secrets
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, UTCDateTime, utcnow
 from models.ids import new_id
 
 KEY_PREFIX = "grove-"
+# A project key reaches its project's resources and nothing else; an admin key manages keys and nothing else.
+PROJECT_SCOPE = "project"
+ADMIN_SCOPE = "admin"
+SCOPES = (PROJECT_SCOPE, ADMIN_SCOPE)
 
 
 class Project(Base):
@@ -24,12 +28,24 @@ class Project(Base):
 
 
 class ApiKey(Base):
-    """Only the sha256 of a key is stored; the key itself is shown once, at creation."""
+    """Only the sha256 of a key is stored; the key itself is shown once, at creation.
+
+    A key is found by that hash (an index lookup), so a presented key is never compared with a stored secret
+    character by character. `scope` is `project` (bound to one project) or `admin` (no project).
+    """
 
     __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint(
+            f"(scope = '{PROJECT_SCOPE}' AND project_id IS NOT NULL) "
+            f"OR (scope = '{ADMIN_SCOPE}' AND project_id IS NULL)",
+            name="scope_project",
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
-    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    scope: Mapped[str] = mapped_column(String(16), default=PROJECT_SCOPE, server_default=PROJECT_SCOPE)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     # The first characters, so an operator can tell keys apart in a listing.
     hint: Mapped[str] = mapped_column(String(16))

@@ -1,25 +1,39 @@
-"""Content storage on a local or shared volume.
+"""Content storage: the backend interface, the local-disk backend, and the choice between backends.
 
-Bytes are written to a temp file under the store, hashed as they stream, and renamed into place only
-when complete: a reader never sees half a file, and a crash leaves only temp files that `sweep_temp`
-removes. Keys are chosen by the server (`objects/<project>/<file id>`); a request never names a path.
+Every backend stages bytes locally first: they are written to a temp file under `GROVE_STORAGE_DIR/tmp`,
+hashed and counted as they stream (the upload limit is enforced there), and only a complete, validated
+file is committed under its key, all at once: a reader never sees half an object, and a crash leaves only
+temp files that `sweep_temp` removes. Keys are chosen by the server (`objects/<project>/<file id>`); a
+request never names a path.
+
+- `LocalStorage`: the objects live in `GROVE_STORAGE_DIR/objects`, on a local disk or a volume shared by
+  the API and the workers; committing is a rename.
+- `S3Storage` (models/storage_s3.py): the objects live in an S3-compatible bucket, for machines that share
+  no disk; committing is an upload (multipart when large) that S3 makes visible only once complete.
+  Workers fetch their inputs into their own work directory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from models.config import get_settings
 from models.errors import PayloadTooLarge
 
 CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,24 +45,18 @@ class StagedBlob:
     sha256: str
 
 
-class Storage:
+class Storage(ABC):
+    """Where uploads and published results live. Subclasses store committed objects; staging is shared."""
+
     def __init__(self, root: Path):
         self.root = root.resolve()
         self.tmp = self.root / "tmp"
-        self.objects = self.root / "objects"
 
     def ensure(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.objects.mkdir(parents=True, exist_ok=True)
 
     def key_for(self, project_id: str, object_id: str) -> str:
         return f"objects/{project_id}/{object_id}"
-
-    def path_of(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.objects):
-            raise ValueError(f"storage key escapes the store: {key!r}")
-        return path
 
     def stage_chunks(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> StagedBlob:
         self.ensure()
@@ -78,17 +86,8 @@ class Storage:
 
         return self.stage_chunks(chunks())
 
-    def commit(self, staged: StagedBlob, key: str) -> Path:
-        final = self.path_of(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged.temp_path, final)
-        return final
-
     def discard(self, staged: StagedBlob) -> None:
         staged.temp_path.unlink(missing_ok=True)
-
-    def delete(self, key: str) -> None:
-        self.path_of(key).unlink(missing_ok=True)
 
     def sweep_temp(self, older_than_seconds: float = 3600) -> int:
         """Remove temp files abandoned by a crash; returns how many went."""
@@ -105,9 +104,103 @@ class Storage:
                 removed += 1
         return removed
 
+    @abstractmethod
+    def commit(self, staged: StagedBlob, key: str) -> None:
+        """Make the staged bytes visible under `key`, all at once. The temp file is consumed."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing one is not an error."""
+
+    @abstractmethod
+    def fetch(self, key: str, directory: Path) -> Path:
+        """A local file holding the object's bytes, to read only: the stored file itself where the store is
+        a local or shared directory, else a complete copy downloaded into `directory` (created if needed).
+        A missing object raises FileNotFoundError."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise if the store cannot be used (readiness)."""
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        """The object as a local file for the duration of the block; a downloaded copy is removed after."""
+        self.ensure()
+        directory = Path(tempfile.mkdtemp(dir=self.tmp, prefix="read-"))
+        try:
+            yield self.fetch(key, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+class LocalStorage(Storage):
+    """Objects under `root/objects` on a local disk or a volume every process mounts."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.objects = self.root / "objects"
+
+    def ensure(self) -> None:
+        super().ensure()
+        self.objects.mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.objects):
+            raise ValueError(f"storage key escapes the store: {key!r}")
+        return path
+
+    def commit(self, staged: StagedBlob, key: str) -> None:
+        final = self.path_of(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged.temp_path, final)
+
+    def delete(self, key: str) -> None:
+        self.path_of(key).unlink(missing_ok=True)
+
+    def fetch(self, key: str, directory: Path) -> Path:
+        path = self.path_of(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"stored object {key!r} is missing")
+        return path
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        yield self.fetch(key, self.tmp)
+
+    def check(self) -> None:
+        self.ensure()
+        if not os.access(self.objects, os.W_OK) or not os.access(self.tmp, os.W_OK):
+            raise PermissionError(f"{self.root} is not writable")
+
 
 def get_storage() -> Storage:
-    return Storage(get_settings().storage_dir)
+    """The configured backend (`GROVE_STORAGE_BACKEND`)."""
+    settings = get_settings()
+    if settings.storage_backend == "s3":
+        if not settings.s3_bucket:
+            raise ValueError("GROVE_STORAGE_BACKEND=s3 needs GROVE_S3_BUCKET.")
+        return _s3_storage(
+            settings.storage_dir.resolve(),
+            settings.s3_bucket,
+            settings.s3_prefix,
+            settings.s3_endpoint_url,
+            settings.s3_region,
+            settings.s3_multipart_chunk_bytes,
+        )
+    return LocalStorage(settings.storage_dir)
+
+
+@lru_cache(maxsize=4)
+def _s3_storage(
+    root: Path, bucket: str, prefix: str, endpoint_url: str | None, region: str | None, chunk_bytes: int
+) -> Storage:
+    # One client per process and configuration: boto3 clients are thread-safe and hold the connection pool.
+    from models.storage_s3 import S3Storage
+
+    return S3Storage(
+        root, bucket, prefix=prefix, endpoint_url=endpoint_url, region=region, multipart_chunk_bytes=chunk_bytes
+    )
 
 
 def delete_after_commit(session, key: str) -> None:
@@ -120,6 +213,19 @@ def delete_on_rollback(session, key: str) -> None:
     session.info.setdefault("delete_on_rollback", []).append(key)
 
 
+def _delete_quietly(keys: list[str]) -> None:
+    # The transaction is over either way: a failed delete (a store that does not answer) leaves an orphan
+    # object, which is harmless, and must not turn a committed request into an error.
+    if not keys:
+        return
+    storage = get_storage()
+    for key in keys:
+        try:
+            storage.delete(key)
+        except Exception:
+            log.exception("could not delete stored object %s; it stays as an orphan", key)
+
+
 def _register_session_hooks() -> None:
     from sqlalchemy import event
     from sqlalchemy.orm import Session
@@ -127,17 +233,12 @@ def _register_session_hooks() -> None:
     @event.listens_for(Session, "after_commit")
     def _delete_pending(session) -> None:
         session.info.pop("delete_on_rollback", None)
-        keys = session.info.pop("delete_after_commit", [])
-        storage = get_storage()
-        for key in keys:
-            storage.delete(key)
+        _delete_quietly(session.info.pop("delete_after_commit", []))
 
     @event.listens_for(Session, "after_rollback")
     def _keep_pending(session) -> None:
         session.info.pop("delete_after_commit", None)
-        storage = get_storage()
-        for key in session.info.pop("delete_on_rollback", []):
-            storage.delete(key)
+        _delete_quietly(session.info.pop("delete_on_rollback", []))
 
 
 _register_session_hooks()

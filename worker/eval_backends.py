@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.evaluation_spec import GenerationSettings
+from models.model_store import load_options
 from worker.data import IGNORE_INDEX, collate
 from worker.eval_metrics import TokenScores
 
@@ -87,10 +88,8 @@ class TorchBackend:
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         else:
             self.device, self.dtype = torch.device("cpu"), torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(base_dir), dtype=self.dtype, local_files_only=True, trust_remote_code=False
-        )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base_dir), **load_options(base_dir.name, weights=False))
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=self.dtype, **load_options(base_dir.name))
         if adapter_dir is not None:
             from peft import PeftModel
 

@@ -20,7 +20,6 @@ import gc
 import json
 import logging
 import shutil
-import tarfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -40,6 +39,7 @@ from models.model_store import resolve_model
 from models.results import publish_file
 from models.storage import get_storage
 from models.transitions import add_event, switch_job_status
+from worker.archives import unpack_tar
 from worker.eval_data import EvalItem, label_set, loss_row, prompt_ids, read_items
 from worker.eval_metrics import (
     bleu_score,
@@ -133,21 +133,19 @@ class Progress:
             )
 
 
-def _file_path(session, project_id: str, file_id: str | None, what: str, param: str) -> Path | None:
+def _file_key(session, project_id: str, file_id: str | None, what: str, param: str) -> str | None:
     if file_id is None:
         return None
     file = session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
     if file is None:
         raise InvalidRequest(f"The {what} {file_id} was deleted before the evaluation ran.", param=param)
-    return get_storage().path_of(file.storage_key)
+    return file.storage_key
 
 
 def _extract(archive: Path, dest: Path) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
-    return dest
+    return unpack_tar(archive, dest)
 
 
 def load_backend(target: Target, archive: Path | None, work_dir: Path):
@@ -309,15 +307,17 @@ def run(job_id: str, lease: Lease) -> None:
         job = session.get(Job, job_id)
         session.expunge(job)
         spec = EvaluationSpec.model_validate(job.spec)
-        data_path = _file_path(session, job.project_id, spec.evaluation_file, "evaluation_file", "evaluation_file")
-        archives: list[Path | None | Exception] = []
+        data_key = _file_key(session, job.project_id, spec.evaluation_file, "evaluation_file", "evaluation_file")
+        archives: list[str | None | Exception] = []
         for i, target in enumerate(spec.targets):
             try:
-                archives.append(_file_path(session, job.project_id, target.file_id, "archive", f"targets[{i}]"))
+                archives.append(_file_key(session, job.project_id, target.file_id, "archive", f"targets[{i}]"))
             except InvalidRequest as exc:
                 archives.append(exc)
 
-    items = read_items(data_path, spec)
+    storage = get_storage()  # keys: the stored files on a shared volume, downloaded copies from a bucket
+    with storage.local_copy(data_key) as data_path:
+        items = read_items(data_path, spec)
     labels = label_set(items, spec) if "accuracy" in spec.metrics else None
     passes = int(spec.needs_loss) + int(spec.needs_generation)
     progress = Progress(job.id, lease, len(spec.targets) * len(items) * passes)
@@ -342,7 +342,9 @@ def run(job_id: str, lease: Lease) -> None:
             try:
                 if isinstance(archives[i], Exception):
                     raise archives[i]
-                backend = load_backend(target, archives[i], work_root / f"target-{i}")
+                target_dir = work_root / f"target-{i}"
+                archive = storage.fetch(archives[i], target_dir / "inputs") if archives[i] else None
+                backend = load_backend(target, archive, target_dir)
                 score_target(backend, items, spec, labels, progress, result)
             except Stopped:
                 _finish_stopped(job, lease, len(results))

@@ -46,7 +46,6 @@ import json
 import logging
 import shutil
 import string
-import tarfile
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -59,10 +58,11 @@ from models.export_spec import FIXED_PROMPTS, ExportSpec
 from models.file import File
 from models.job import Job
 from models.job_status import JobStatus
-from models.model_store import resolve_model
+from models.model_store import load_options, resolve_model
 from models.results import publish_file
 from models.storage import get_storage
 from models.transitions import add_event, switch_job_status
+from worker.archives import pack_tar, unpack_tar
 from worker.lease import Lease
 
 log = logging.getLogger(__name__)
@@ -112,18 +112,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stored_path(session, project_id: str, file_id: str, what: str) -> Path:
+def _stored_key(session, project_id: str, file_id: str, what: str) -> str:
     file = session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
     if file is None:
         raise InvalidRequest(f"The {what} file {file_id} was deleted before the export ran.", code="file_not_found")
-    return get_storage().path_of(file.storage_key)
+    return file.storage_key
 
 
 def _unpack(archive: Path, destination: Path) -> Path:
     destination.mkdir(parents=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(destination, filter="data")
-    return destination
+    return unpack_tar(archive, destination)
 
 
 # --- gate prompts --------------------------------------------------------------------------------
@@ -177,7 +175,8 @@ def gate_prompts(spec: ExportSpec, session, project_id: str, base_dir: Path) -> 
             if file is None:
                 continue
             renderer = _chat_renderer(base_dir)
-            records = _first_records(get_storage().path_of(file.storage_key), n)
+            with get_storage().local_copy(file.storage_key) as path:
+                records = _first_records(path, n)
             prompts = [p for p in (prompt_of(r, parent_spec.get("text_template"), renderer) for r in records) if p]
             if prompts:
                 return prompts, f"{key} {file_id}"
@@ -191,7 +190,7 @@ def _chat_renderer(base_dir: Path):
         from transformers import AutoTokenizer
 
         if not loaded:
-            loaded.append(AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True))
+            loaded.append(AutoTokenizer.from_pretrained(str(base_dir), **load_options(base_dir.name, weights=False)))
         tokenizer = loaded[0]
         try:
             return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -209,7 +208,7 @@ def run(job_id: str, lease: Lease) -> None:
         job = session.get(Job, job_id)
         session.expunge(job)
         spec = ExportSpec.model_validate(job.spec)
-        archives = {a.name: _stored_path(session, job.project_id, a.file_id, "adapter") for a in spec.adapters}
+        archives = {a.name: _stored_key(session, job.project_id, a.file_id, "adapter") for a in spec.adapters}
     base = resolve_model(spec.model, param="source.model")
     work_dir = get_settings().work_dir.resolve() / job.id
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -223,11 +222,15 @@ def run(job_id: str, lease: Lease) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _run(job: Job, spec: ExportSpec, base, archives: dict[str, Path], work_dir: Path, progress, lease) -> None:
+def _run(job: Job, spec: ExportSpec, base, archives: dict[str, str], work_dir: Path, progress, lease) -> None:
     from worker import onnx_build, onnx_gate, onnx_package
 
     progress.phase("prepare", f"Preparing {spec.model} and {len(spec.adapters)} adapter(s).")
-    adapter_dirs = {name: _unpack(path, work_dir / "adapters" / name) for name, path in archives.items()}
+    storage = get_storage()  # archives are storage keys: fetched into the work directory unless on a shared volume
+    adapter_dirs = {
+        name: _unpack(storage.fetch(key, work_dir / "inputs"), work_dir / "adapters" / name)
+        for name, key in archives.items()
+    }
     with session_scope() as session:
         prompts, prompt_source = gate_prompts(spec, session, job.project_id, base.path)
 
@@ -417,12 +420,7 @@ def _manifest(job, spec, base, package, build_result, gate_report, lora_inputs, 
 
 def _pack(package: Path, archive: Path) -> Path:
     """An uncompressed tar of the package (weights do not compress); manifest.json first."""
-    with tarfile.open(archive, "w") as tar:
-        tar.add(package / MANIFEST, arcname=MANIFEST)
-        for path in sorted(package.rglob("*")):
-            if path.is_file() and path.name != MANIFEST:
-                tar.add(path, arcname=str(path.relative_to(package)))
-    return archive
+    return pack_tar(package, archive, first=MANIFEST)
 
 
 def _publish_and_succeed(job, lease, spec, manifest, archive, package, adapter_files) -> None:

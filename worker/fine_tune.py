@@ -15,7 +15,6 @@ import csv
 import json
 import logging
 import shutil
-import tarfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from models.results import publish_file
 from models.specs import FineTuneSpec
 from models.storage import delete_after_commit, get_storage
 from models.transitions import add_event, switch_job_status
+from worker.archives import pack_tar, unpack_tar
 from worker.lease import Lease
 
 log = logging.getLogger(__name__)
@@ -239,19 +239,12 @@ def pack_adapter(adapter_dir: Path, archive: Path, manifest: dict) -> Path:
     """A flat tar of the adapter files plus a manifest: `tar -xf` gives a dir PeftModel can load."""
     manifest_path = adapter_dir / "grove-manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=2))
-    with tarfile.open(archive, "w") as tar:
-        for path in sorted(adapter_dir.rglob("*")):
-            if path.is_file():
-                tar.add(path, arcname=str(path.relative_to(adapter_dir)))
-    return archive
+    return pack_tar(adapter_dir, archive)
 
 
 def pack_dir(directory: Path, archive: Path) -> Path:
-    with tarfile.open(archive, "w") as tar:
-        for path in sorted(directory.rglob("*")):
-            if path.is_file():
-                tar.add(path, arcname=str(path.relative_to(directory)))
-    return archive
+    """The regular files below `directory` (never a symlink), named relative to it (worker/archives.py)."""
+    return pack_tar(directory, archive)
 
 
 def write_metrics_csv(rows: list[dict], path: Path) -> Path:
@@ -303,7 +296,7 @@ def write_tensorboard(rows: list[dict], directory: Path) -> Path:
     return directory
 
 
-def _dataset_file(session, job: Job, file_id: str | None, param: str) -> tuple[Path, str] | None:
+def _dataset_file(session, job: Job, file_id: str | None, param: str) -> tuple[str, str] | None:
     if file_id is None:
         return None
     file = session.scalar(select(File).where(File.id == file_id, File.project_id == job.project_id))
@@ -311,11 +304,11 @@ def _dataset_file(session, job: Job, file_id: str | None, param: str) -> tuple[P
         raise InvalidRequest(
             f"The {param} {file_id} was deleted before the job ran.", param=param, code="file_not_found"
         )
-    return get_storage().path_of(file.storage_key), file.sha256
+    return file.storage_key, file.sha256
 
 
-def _init_archive(session, job: Job, spec: FineTuneSpec) -> Path | None:
-    """The adapter archive a job continues from (from_job's result or from_checkpoint's file)."""
+def _init_archive(session, job: Job, spec: FineTuneSpec) -> str | None:
+    """The storage key of the adapter archive a job continues from (from_job's result or from_checkpoint's file)."""
     if spec.from_checkpoint:
         checkpoint = session.scalar(
             select(Checkpoint)
@@ -335,13 +328,14 @@ def _init_archive(session, job: Job, spec: FineTuneSpec) -> Path | None:
             param=param,
             code="file_not_found",
         )
-    return get_storage().path_of(file.storage_key)
+    return file.storage_key
 
 
 def run(job_id: str, lease: Lease) -> None:
     # Heavy imports stay here so that the API and the reconciler never load torch.
     from worker.data import cache_key, read_training_examples, tokenizer_fingerprint
-    from worker.train import DataSource, merge_model, train_adapter
+    from worker.model_setup import merge_model
+    from worker.train import DataSource, train_adapter
 
     with session_scope() as session:
         job = session.get(Job, job_id)
@@ -359,21 +353,23 @@ def run(job_id: str, lease: Lease) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     keep_work_dir = False
     try:
+        # The stored files themselves on a shared volume; copies in the work directory from a bucket.
+        storage, inputs = get_storage(), work_dir / "inputs"
         init_dir = None
         if init_archive is not None:
             init_dir = work_dir / "init"
             shutil.rmtree(init_dir, ignore_errors=True)
             init_dir.mkdir()
-            with tarfile.open(init_archive) as tar:
-                tar.extractall(init_dir, filter="data")
+            unpack_tar(storage.fetch(init_archive, inputs), init_dir)
         fingerprint = tokenizer_fingerprint(base.path)
 
-        def source(found: tuple[Path, str] | None) -> DataSource | None:
+        def source(found: tuple[str, str] | None) -> DataSource | None:
             if found is None:
                 return None
-            path, sha256 = found
+            key, sha256 = found
             return DataSource(
-                load=lambda: read_training_examples(path, spec.text_template),
+                # Fetched only when the tokenization cache misses.
+                load=lambda: read_training_examples(storage.fetch(key, inputs), spec.text_template),
                 cache_key=cache_key(sha256, spec.text_template, fingerprint),
             )
 

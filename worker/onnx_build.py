@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.export_spec import LORA_MODULES
+from models.model_store import load_options
 
 # Files of a Hugging Face model directory that are not weights: carried over to a merged copy.
 _NON_WEIGHT_SUFFIXES = (".json", ".jinja", ".model", ".txt")
@@ -140,7 +141,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, output_dir: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **load_options(base_dir.name))
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(output_dir))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.model_store import load_options
+
 MAX_PROMPT_TOKENS = 96
 
 
@@ -52,7 +54,7 @@ def _reference_model(base_dir: Path, adapter_dirs: dict[str, Path], device: str)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **load_options(base_dir.name))
     if adapter_dirs:
         names = list(adapter_dirs)
         model = PeftModel.from_pretrained(model, str(adapter_dirs[names[0]]), adapter_name=names[0])

@@ -36,7 +36,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -542,13 +542,9 @@ class SweepPass:
         )
 
     def _capacity(self) -> int:
-        settings = get_settings()
-        active = self.session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.project_id == self.sweep.project_id, Job.status.not_in(sorted(TERMINAL)))
-        )
-        return settings.max_queued_jobs_per_project - active
+        from api.services.jobs import unfinished_count
+
+        return get_settings().max_queued_jobs_per_project - unfinished_count(self.session, self.sweep.project_id)
 
     def _unfinished(self) -> int:
         return sum(1 for t in self.frozen.values() if t.state == self.TrialState.RUNNING)

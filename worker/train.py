@@ -15,28 +15,27 @@ Checkpoints live in `work_dir/checkpoints/step-N` (weights, optimizer, RNG state
 far); the last `keep_checkpoints` and the best are kept. A run whose work_dir holds a checkpoint resumes from
 the latest one and ends with the same weights an uninterrupted run would have.
 
-torch, transformers and peft are imported when training starts, so importing this module stays cheap.
+The model itself (device, precision, each method's base and peft wrapping) is built in worker/model_setup.py;
+checkpoint files are handled by worker/checkpoints.py. torch, transformers and peft are imported when
+training starts, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import re
 import shutil
-import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from models.datasets import DatasetError, Example
 from models.errors import InvalidRequest
+from models.model_store import load_options
 from models.specs import (
     BASE_LEARNING_RATE,
     FineTuneSpec,
@@ -46,6 +45,15 @@ from models.specs import (
     resolve_mixed_precision,
     resolve_n_epochs,
 )
+from worker.checkpoints import (
+    STATE_FILE,
+    checkpoint_dir,
+    checkpoint_steps,
+    kept_checkpoints,
+    rng_state,
+    save_atomically,
+    set_rng_state,
+)
 from worker.data import (
     IGNORE_INDEX,
     TokenizedData,
@@ -54,6 +62,18 @@ from worker.data import (
     encode_cached,
     finalize,
     pack_rows,
+)
+from worker.model_setup import (
+    Setup,
+    activation_bytes,
+    available_memory,
+    build_model,
+    forward_accepts,
+    load_weights,
+    peak_memory_mb,
+    pick_device,
+    save_weights,
+    set_threads,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,8 +85,6 @@ CPU_TOKEN_BUDGET = 4096
 CUDA_TOKEN_BUDGET = 16384
 MAX_EPOCH_CHECKPOINTS = 50  # epoch-end checkpoints of one run, at most about this many
 STOP_POLL_SECONDS = 1.0  # during evaluation, ask should_stop at most this often
-STATE_FILE = "training_state.pt"
-CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
 
 
 class TrainingHooks(Protocol):
@@ -111,67 +129,6 @@ class TrainOutcome:
 
 class _Stopped(Exception):
     pass
-
-
-# --- device, precision, memory ------------------------------------------------------------------------
-
-
-def _pick_device():
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-SMALL_HIDDEN_SIZE = 256  # below this, one thread beats several: the matmuls are too small to split
-
-
-def _set_threads(config) -> int:
-    """Every core the process may use (GROVE_TORCH_THREADS overrides), but one for a model so small that
-    splitting its matmuls costs more than it gains (and suffers most when cores are shared)."""
-    import torch
-
-    from models.config import get_settings
-
-    threads = get_settings().torch_threads
-    if not threads:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            threads = os.cpu_count() or 1
-        if getattr(config, "hidden_size", SMALL_HIDDEN_SIZE) < SMALL_HIDDEN_SIZE:
-            threads = 1
-    torch.set_num_threads(max(1, threads))
-    return torch.get_num_threads()
-
-
-def _available_memory(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def peak_memory_mb(device) -> float:
-    import resource
-
-    import torch
-
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-
-
-def _activation_bytes(config, tokens: int, bytes_per_value: int) -> int:
-    """Rough size of what a decoder keeps for the backward pass of one micro-batch of `tokens` tokens."""
-    hidden = getattr(config, "hidden_size", 1024)
-    layers = getattr(config, "num_hidden_layers", 24)
-    intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    return tokens * layers * (16 * hidden + 4 * intermediate) * bytes_per_value
 
 
 # --- schedule and data order ----------------------------------------------------------------------------
@@ -236,264 +193,6 @@ def _n_targets(rows: Sequence[dict]) -> int:
     return sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
 
 
-# --- the model ----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` (FutureWarning).
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-        yield
-
-
-def _max_lora_rank(base_dir: Path) -> int | None:
-    info = base_dir / "grove-model.json"
-    if not info.is_file():
-        return None
-    return json.loads(info.read_text()).get("max_lora_rank")
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-@dataclass
-class _Setup:
-    model: Any
-    device: Any
-    precision: str  # bf16 | fp16 | fp32
-    autocast_dtype: Any  # None: no autocast
-    rank: int | None
-    is_peft: bool
-
-
-def _load_base(spec: FineTuneSpec, source: Path, device, precision: str, attn: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kind = spec.adapter.type
-    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "attn_implementation": attn}
-    if kind == "qlora":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise InvalidRequest(
-                "adapter.type qlora needs the bitsandbytes package, which this worker lacks.", param="adapter.type"
-            ) from None
-        from transformers import BitsAndBytesConfig
-
-        compute = torch.float32 if precision == "fp32" else _torch_dtype(precision)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=spec.adapter.double_quant,
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
-        kwargs["dtype"] = compute
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-        return AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
-    # Frozen base weights may live in the compute dtype; trained weights stay fp32 (master weights).
-    frozen_half = kind in ("lora", "dora") and precision != "fp32"
-    kwargs["dtype"] = _torch_dtype(precision) if frozen_half else torch.float32
-    return AutoModelForCausalLM.from_pretrained(str(source), **kwargs).to(device)
-
-
-FP32_ATTENTION = "grove_sdpa_fp32"
-
-
-def attention_for(device, precision: str) -> str:
-    """sdpa, except on CPU in bf16: there attention runs in fp32 (measured faster on these CPUs' kernels, and
-    more accurate), while the matmuls of the linear layers stay bf16."""
-    if device.type == "cpu" and precision == "bf16":
-        _register_fp32_attention()
-        return FP32_ATTENTION
-    return "sdpa"
-
-
-def _register_fp32_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def forward(module, query, key, value, attention_mask, **kwargs):
-        output, weights = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
-        )
-        return output.to(query.dtype), weights
-
-    AttentionInterface.register(FP32_ATTENTION, forward)
-    AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
-
-
-def build_model(
-    spec: FineTuneSpec,
-    base_dir: Path,
-    device,
-    precision: str,
-    gradient_checkpointing: bool,
-    init_dir: Path | None = None,
-    attn: str | None = None,
-) -> _Setup:
-    """The model to train, weights initialised from the seed (and `init_dir` when continuing a job)."""
-    import torch
-
-    kind = spec.adapter.type
-    attn = attn or attention_for(device, precision)
-    full_init = init_dir is not None and kind == "full"
-    model = _load_base(spec, init_dir if full_init else base_dir, device, precision, attn)
-    model.config.use_cache = False
-    autocast = None
-    if device.type == "cuda" and precision != "fp32":
-        autocast = _torch_dtype(precision)
-    elif device.type == "cpu" and precision == "bf16" and (kind == "full" or spec.adapter.modules_to_save):
-        # fp32 trained weights (the full model, or modules_to_save copies) meet bf16 activations.
-        autocast = torch.bfloat16
-
-    if kind == "full":
-        for param in model.parameters():
-            param.requires_grad_(True)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        return _Setup(model, device, precision, autocast, None, False)
-
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if kind == "qlora":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    rank = spec.adapter.r
-    max_rank = _max_lora_rank(base_dir)
-    if max_rank is not None:
-        rank = min(rank, max_rank)
-    config = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=rank,
-        lora_alpha=spec.adapter.alpha,
-        lora_dropout=spec.adapter.dropout,
-        target_modules=spec.adapter.target_modules,
-        modules_to_save=spec.adapter.modules_to_save,
-        use_dora=kind == "dora",
-        bias="none",
-    )
-    with _quiet_peft():
-        model = get_peft_model(model, config)
-    # Trained weights in fp32 whatever the frozen base's dtype (peft autocasts adapters; modules_to_save
-    # copies follow the base).
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    model.train()
-    setup = _Setup(model, device, precision, autocast, rank, True)
-    if init_dir is not None:
-        # Continuing an earlier job: its weights, this job's settings (the API checked that they fit).
-        _load_weights(setup, init_dir)
-    return setup
-
-
-def _forward_accepts(model, name: str) -> bool:
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(base.forward).parameters
-
-
-def save_weights(setup: _Setup, dest: Path, tokenizer=None) -> None:
-    with _quiet_peft():
-        setup.model.save_pretrained(str(dest))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(dest))
-
-
-def _load_weights(setup: _Setup, source: Path) -> None:
-    """Weights saved by save_weights back into the same model (resume)."""
-    from safetensors.torch import load_file
-
-    if setup.is_peft:
-        from peft import set_peft_model_state_dict
-
-        state = load_file(str(source / "adapter_model.safetensors"), device=str(setup.device))
-        result = set_peft_model_state_dict(setup.model, state)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(f"checkpoint {source} does not fit the model: {unexpected[:3]}")
-        return
-    state: dict = {}
-    for file in sorted(source.glob("*.safetensors")):
-        state.update(load_file(str(file), device=str(setup.device)))
-    missing, unexpected = setup.model.load_state_dict(state, strict=False)
-    tied = set(getattr(setup.model, "_tied_weights_keys", None) or [])
-    if unexpected or any(key not in tied and not key.endswith("lm_head.weight") for key in missing):
-        raise RuntimeError(f"checkpoint {source} does not fit the model: {(unexpected or missing)[:3]}")
-    setup.model.tie_weights()
-
-
-def _save_atomically(dest: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling and rename it into place: `dest` is complete or absent."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
-def checkpoint_steps(work_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints under work_dir, ascending."""
-    root = Path(work_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    steps = []
-    for path in root.iterdir():
-        match = CHECKPOINT_DIR.match(path.name)
-        if match and (path / STATE_FILE).is_file():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
-
-
-def kept_checkpoints(existing: Sequence[int], new: int, best: int | None, keep: int) -> list[int]:
-    """The last `keep` checkpoint steps, plus the best one."""
-    recent = sorted({*existing, new})[-keep:]
-    return sorted(set(recent) | ({best} if best is not None else set()))
-
-
-def checkpoint_dir(work_dir: Path, step: int) -> Path:
-    return Path(work_dir) / "checkpoints" / f"step-{step}"
-
-
-def _rng_state() -> dict:
-    import torch
-
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _round(value: float | None, digits: int = 6) -> float | None:
     return None if value is None else round(float(value), digits)
 
@@ -502,13 +201,13 @@ def _round(value: float | None, digits: int = 6) -> float | None:
 
 
 class _Trainer:
-    def __init__(self, setup: _Setup, pad_token_id: int, hooks: TrainingHooks):
+    def __init__(self, setup: Setup, pad_token_id: int, hooks: TrainingHooks):
         self.setup = setup
         self.model = setup.model
         self.device = setup.device
         self.pad_token_id = pad_token_id
         self.hooks = hooks
-        self.keep_logits_arg = _forward_accepts(setup.model, "logits_to_keep")
+        self.keep_logits_arg = forward_accepts(setup.model, "logits_to_keep")
         self.eager = getattr(self.model.config, "_attn_implementation", "sdpa") == "eager"
         self._last_poll = 0.0
 
@@ -633,16 +332,16 @@ def train_adapter(
         shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True, trust_remote_code=False)
-    threads = _set_threads(config)
-    device = _pick_device()
+    config = AutoConfig.from_pretrained(str(base_dir), **load_options(spec.model, weights=False))
+    threads = set_threads(config)
+    device = pick_device()
     cuda = device.type == "cuda"
     precision = resolve_mixed_precision(spec, cuda, cuda and torch.cuda.is_bf16_supported())
     if precision == "fp16" and not cuda:
         raise InvalidRequest("mixed_precision fp16 needs a CUDA device; use bf16 or fp32.", param="mixed_precision")
 
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir), **load_options(spec.model, weights=False))
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train, train_cache_hit = _encode(train_examples, tokenizer, cache_dir, spec.max_seq_len)
     if not train.rows:
@@ -684,9 +383,9 @@ def train_adapter(
         if accumulation
         else min(token_budget, batch_size * spec.max_seq_len)
     )
-    activations = _activation_bytes(config, micro_tokens, 4 if precision == "fp32" else 2)
+    activations = activation_bytes(config, micro_tokens, 4 if precision == "fp32" else 2)
     if spec.gradient_checkpointing == "auto":
-        checkpointing = activations > 0.5 * _available_memory(device)
+        checkpointing = activations > 0.5 * available_memory(device)
     else:
         checkpointing = bool(spec.gradient_checkpointing)
 
@@ -722,11 +421,11 @@ def train_adapter(
         state = torch.load(path / STATE_FILE, map_location=device, weights_only=False)
         if state.get("total_steps") != total_steps or state.get("n_rows") != n_rows:
             raise RuntimeError(f"checkpoint {path} was written for another schedule or data; refusing to resume")
-        _load_weights(setup, path)
+        load_weights(setup, path)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         step = state["step"]
         trained_tokens = state["trained_tokens"]
         metrics_rows = state["metrics_rows"]
@@ -800,7 +499,7 @@ def train_adapter(
                 "n_rows": n_rows,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": _rng_state(),
+                "rng": rng_state(),
                 "trained_tokens": trained_tokens,
                 "metrics_rows": metrics_rows,
                 "train_loss": train_loss,
@@ -814,7 +513,7 @@ def train_adapter(
             }
             torch.save(state, tmp / STATE_FILE)
 
-        path = _save_atomically(checkpoint_dir(work_dir, at), write)
+        path = save_atomically(checkpoint_dir(work_dir, at), write)
         for old in checkpoint_steps(work_dir):
             if old not in kept:
                 shutil.rmtree(checkpoint_dir(work_dir, old), ignore_errors=True)
@@ -929,10 +628,10 @@ def train_adapter(
                     shutil.copy2(item, tmp / item.name)
             tokenizer.save_pretrained(str(tmp))
 
-        _save_atomically(adapter_dir, copy_best)
+        save_atomically(adapter_dir, copy_best)
         result_step = best_step
     else:
-        _save_atomically(adapter_dir, lambda tmp: save_weights(setup, tmp, tokenizer))
+        save_atomically(adapter_dir, lambda tmp: save_weights(setup, tmp, tokenizer))
     return TrainOutcome(
         stopped=stopped,
         steps=step,
@@ -950,28 +649,3 @@ def train_adapter(
         result_step=result_step,
         resumed_from=resumed_from,
     )
-
-
-def merge_model(base_dir: Path, adapter_dir: Path, adapter_type: str, dtype: str, dest: Path) -> Path:
-    """The base model with the adapter merged in (merge_and_unload), saved in `dtype`, with the tokenizer.
-    A qlora adapter merges into the full-precision base. A full fine-tune is its own merged model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    opts = {"local_files_only": True, "trust_remote_code": False}
-    if adapter_type == "full":
-        model = AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32, **opts)
-    else:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **opts)
-        with _quiet_peft():
-            model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    model = model.to(torch_dtype)
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
-        AutoTokenizer.from_pretrained(str(adapter_dir), **opts).save_pretrained(str(tmp))
-
-    return _save_atomically(Path(dest), write)

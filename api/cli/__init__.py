@@ -1,8 +1,8 @@
 """`grove`: the command-line client of the HTTP API, plus the operator commands.
 
 Client commands (files, finetune, jobs, download, models, configure) talk to a server over HTTP only;
-see api/cli/http.py for where the URL and key come from. Operator commands (keys create, bootstrap,
-reconcile) talk to the database directly and run where the server's configuration is.
+see api/cli/http.py for where the URL and key come from. Operator commands (keys create/list/revoke,
+bootstrap, reconcile) talk to the database directly and run where the server's configuration is.
 """
 
 from __future__ import annotations

@@ -12,14 +12,54 @@ keys = typer.Typer(help="Projects and API keys (operator: talks to the database 
 
 
 @keys.command("create")
-def keys_create(project: Annotated[str, typer.Option(help="Project name; created if new.")]) -> None:
-    """Create an API key for PROJECT and print it. The key is shown only this once."""
-    from api.services.keys import create_key, get_or_create_project
+def keys_create(
+    project: Annotated[str | None, typer.Option(help="Project name; created if new.")] = None,
+    admin: Annotated[
+        bool, typer.Option("--admin", help="An admin key: manages keys over HTTP (/v1/admin/keys), nothing else.")
+    ] = False,
+) -> None:
+    """Create an API key for PROJECT (or, with --admin, an admin key) and print it. The key is shown only this once."""
+    from api.services.keys import create_admin_key, create_key, get_or_create_project
+    from models.db import session_scope
+
+    if admin == (project is not None):
+        raise typer.BadParameter("give --project NAME for a project key, or --admin for an admin key")
+    with session_scope() as session:
+        key = create_admin_key(session) if admin else create_key(session, get_or_create_project(session, project))
+    typer.echo(key)
+
+
+@keys.command("list")
+def keys_list(project: Annotated[str | None, typer.Option(help="Only this project's keys.")] = None) -> None:
+    """List keys: id, scope, project, hint, revoked or not. Keys themselves are never stored."""
+    from api.services.keys import list_keys
     from models.db import session_scope
 
     with session_scope() as session:
-        key = create_key(session, get_or_create_project(session, project))
-    typer.echo(key)
+        after = None
+        while True:
+            rows, has_more = list_keys(session, after, 1000, project)
+            for key, owner in rows:
+                state = "revoked" if key.revoked_at else "active"
+                typer.echo(f"{key.id}\t{key.scope}\t{owner.name if owner else '-'}\t{key.hint}...\t{state}")
+            if not has_more:
+                return
+            after = rows[-1][0].id
+
+
+@keys.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id (key-...) that `keys list` shows.")]) -> None:
+    """Revoke a key: every later request with it gets 401."""
+    from api.services.keys import revoke
+    from models.db import session_scope
+    from models.errors import NotFound
+
+    try:
+        with session_scope() as session:
+            revoke(session, key_id)
+    except NotFound as exc:
+        raise typer.BadParameter(exc.message) from None
+    typer.echo(f"revoked {key_id}")
 
 
 def bootstrap(

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, Response
 
+from api.content import file_content
 from api.deps import ProjectDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.evaluations import CreateEvaluation, EvaluationEventObject, EvaluationObject
@@ -50,7 +51,7 @@ def list_events(
 
 
 @router.get("/{evaluation_id}/report", response_class=FileResponse)
-def get_report(session: SessionDep, project: ProjectDep, evaluation_id: str) -> FileResponse:
+def get_report(request: Request, session: SessionDep, project: ProjectDep, evaluation_id: str) -> Response:
     """The full report (JSON), also downloadable as result_files[0]."""
-    path = evaluations.report_path(session, project, evaluation_id)
-    return FileResponse(path, media_type="application/json")
+    report = evaluations.report_file(session, project, evaluation_id)
+    return file_content(request, report, media_type="application/json", attachment=False)

@@ -6,6 +6,7 @@ from sqlalchemy import text
 
 from models.db import get_engine
 from models.queue import get_celery
+from models.storage import get_storage
 
 router = APIRouter(tags=["health"])
 
@@ -18,7 +19,8 @@ def healthz() -> dict:
 
 @router.get("/readyz")
 def readyz() -> JSONResponse:
-    """Ready to take work: the database answers a query and the broker accepts a connection."""
+    """Ready to take work: the database answers a query, the broker accepts a connection and the artifact
+    store is usable (its directory writable, or its bucket reachable with these credentials)."""
     checks: dict[str, str] = {}
     try:
         with get_engine().connect() as connection:
@@ -32,6 +34,11 @@ def readyz() -> JSONResponse:
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"error: {exc.__class__.__name__}"
+    try:
+        get_storage().check()
+        checks["storage"] = "ok"
+    except Exception as exc:
+        checks["storage"] = f"error: {exc.__class__.__name__}"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503

@@ -3,8 +3,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
+from api.content import file_content
 from api.deps import ProjectDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.sweeps import CreateSweep, SweepEventObject, SweepObject
@@ -60,6 +61,7 @@ def list_events(
 
 
 @router.get("/{sweep_id}/report", response_class=FileResponse)
-def get_report(session: SessionDep, project: ProjectDep, sweep_id: str) -> FileResponse:
+def get_report(request: Request, session: SessionDep, project: ProjectDep, sweep_id: str) -> Response:
     """The report (JSON: every trial's parameters, state and objective, the best trial), also result_files[0]."""
-    return FileResponse(sweeps.report_path(session, project, sweep_id), media_type="application/json")
+    report = sweeps.report_file(session, project, sweep_id)
+    return file_content(request, report, media_type="application/json", attachment=False)

@@ -4,6 +4,9 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
+from models.base import unix
+from models.job import JobEvent
+
 T = TypeVar("T")
 
 
@@ -20,3 +23,25 @@ class ListObject(BaseModel, Generic[T]):
     def of(cls, items: list[T], has_more: bool) -> ListObject[T]:
         ids = [getattr(item, "id", None) for item in items]
         return cls(data=items, has_more=has_more, first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None)
+
+
+class JobEventObject(BaseModel):
+    """One event of a job of any kind; each kind's subclass names its `object` and documents `event_type`."""
+
+    id: str
+    created_at: int
+    level: str
+    message: str
+    data: dict | None
+    event_type: str
+
+    @classmethod
+    def from_row(cls, event: JobEvent):
+        return cls(
+            id=event.public_id,
+            created_at=unix(event.created_at),
+            level=event.level,
+            message=event.message,
+            data=event.data or {},
+            event_type=event.type,
+        )

@@ -6,9 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from api.schemas.common import JobEventObject
 from models.base import unix
 from models.evaluation_spec import MAX_TARGETS, EvaluationSettings
-from models.job import Job, JobEvent
+from models.job import Job
 
 
 class TargetRequest(BaseModel):
@@ -106,25 +107,9 @@ class EvaluationObject(BaseModel):
         )
 
 
-class EvaluationEventObject(BaseModel):
-    id: str
+class EvaluationEventObject(JobEventObject):
     object: Literal["evaluation.event"] = "evaluation.event"
-    created_at: int
-    level: str
-    message: str
-    data: dict | None
     event_type: str = Field(
         description="created, queued, started, info, metrics (one per target), warning, cancelling, succeeded, "
         "failed or cancelled."
     )
-
-    @classmethod
-    def from_row(cls, event: JobEvent) -> EvaluationEventObject:
-        return cls(
-            id=event.public_id,
-            created_at=unix(event.created_at),
-            level=event.level,
-            message=event.message,
-            data=event.data or {},
-            event_type=event.type,
-        )

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.schemas.common import JobEventObject
 from models.base import unix
 from models.evaluation_spec import EvaluationSettings
 from models.export_spec import ExportOptions
@@ -149,14 +150,9 @@ def _options(spec: dict) -> dict:
         return known
 
 
-class FineTuningJobEventObject(BaseModel):
-    id: str
+class FineTuningJobEventObject(JobEventObject):
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
-    created_at: int
-    level: str
-    message: str
-    data: dict | None
-    type: Literal["message", "metrics"] = Field(description="OpenAI's coarse type.")
+    type: Literal["message", "metrics"] = Field("message", description="OpenAI's coarse type.")
     event_type: str = Field(
         description="Grove extension: created, queued, started, metrics, checkpoint, cancelling, "
         "succeeded, failed, cancelled, requeued, warning or info."
@@ -164,15 +160,9 @@ class FineTuningJobEventObject(BaseModel):
 
     @classmethod
     def from_row(cls, event: JobEvent) -> FineTuningJobEventObject:
-        return cls(
-            id=event.public_id,
-            created_at=unix(event.created_at),
-            level=event.level,
-            message=event.message,
-            data=event.data or {},
-            type="metrics" if event.type == "metrics" else "message",
-            event_type=event.type,
-        )
+        row = super().from_row(event)
+        row.type = "metrics" if event.type == "metrics" else "message"
+        return row
 
 
 class CheckpointObject(BaseModel):

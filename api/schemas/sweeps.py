@@ -6,9 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from api.schemas.common import JobEventObject
 from api.schemas.fine_tuning import CreateFineTuningJob
 from models.base import unix
-from models.job import Job, JobEvent
+from models.job import Job
 from models.sweep_spec import SweepSettings
 
 
@@ -131,25 +132,9 @@ def _trial(stored: dict, child: Job | None) -> Trial:
     return Trial.model_validate(values)
 
 
-class SweepEventObject(BaseModel):
-    id: str
+class SweepEventObject(JobEventObject):
     object: Literal["sweep.event"] = "sweep.event"
-    created_at: int
-    level: str
-    message: str
-    data: dict | None
     event_type: str = Field(
         description="created, queued, started, trial (a trial created, complete, pruned or failed), info, "
         "warning, cancelling, succeeded, failed or cancelled."
     )
-
-    @classmethod
-    def from_row(cls, event: JobEvent) -> SweepEventObject:
-        return cls(
-            id=event.public_id,
-            created_at=unix(event.created_at),
-            level=event.level,
-            message=event.message,
-            data=event.data or {},
-            event_type=event.type,
-        )

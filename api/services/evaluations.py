@@ -7,14 +7,14 @@ package each one is, so the worker never interprets a request.
 from __future__ import annotations
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.schemas.evaluations import CreateEvaluation, TargetRequest
 from api.services import jobs
 from api.services.pagination import page
 from models.config import get_settings
-from models.errors import GroveError, InvalidRequest
+from models.errors import InvalidRequest
 from models.evaluation_spec import (
     EVALUATION_KIND,
     EXPORT_KIND,
@@ -25,19 +25,13 @@ from models.evaluation_spec import (
 )
 from models.file import File
 from models.job import Checkpoint, Job, JobEvent
-from models.job_status import TERMINAL, JobStatus
+from models.job_status import JobStatus
 from models.model_store import resolve_model
 from models.project import Project
 from models.storage import get_storage
 from worker.eval_data import label_set, read_items
 
 KIND = EVALUATION_KIND
-
-
-class TooManyJobs(GroveError):
-    status_code = 429
-    type = "rate_limit_error"
-    code = "too_many_jobs"
 
 
 def _dataset_file(session: Session, project: Project, file_id: str, param: str) -> File:
@@ -52,7 +46,8 @@ def _dataset_file(session: Session, project: Project, file_id: str, param: str) 
 def check_settings(file: File, settings: EvaluationSettings, param: str = "evaluation_file") -> None:
     """Refuse data that cannot be scored and metrics that do not fit it (400 naming the field)."""
     try:
-        items = read_items(get_storage().path_of(file.storage_key), settings)
+        with get_storage().local_copy(file.storage_key) as path:
+            items = read_items(path, settings)
     except InvalidRequest as exc:
         if exc.param in ("evaluation_file", "file"):
             exc.param = param
@@ -245,13 +240,7 @@ def create(session: Session, project: Project, request: CreateEvaluation) -> Job
     check_settings(file, evaluation)
     spec = EvaluationSpec(**evaluation.model_dump(), evaluation_file=file.id, targets=targets)
 
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.project_id == project.id, Job.status.not_in(sorted(TERMINAL)))
-    )
-    if active >= settings.max_queued_jobs_per_project:
-        raise TooManyJobs(
-            f"This project already has {active} unfinished jobs (limit {settings.max_queued_jobs_per_project})."
-        )
+    jobs.check_room(session, project)
     job = enqueue_evaluation(session, project.id, spec, settings.fine_tune_queue, metadata=request.metadata)
     session.refresh(job)
     return job
@@ -280,7 +269,7 @@ def list_events(
     return jobs.list_events(session, project, job_id, KIND, after, limit)
 
 
-def report_path(session: Session, project: Project, job_id: str):
+def report_file(session: Session, project: Project, job_id: str):
     """The published report of a finished evaluation (404 until there is one)."""
     from models.errors import NotFound
 
@@ -290,4 +279,4 @@ def report_path(session: Session, project: Project, job_id: str):
         file = session.scalar(select(File).where(File.id == job.result_files[0], File.project_id == project.id))
     if file is None:
         raise NotFound("report of evaluation", job.id, param="evaluation_id")
-    return get_storage().path_of(file.storage_key)
+    return file

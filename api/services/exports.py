@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.schemas.exports import CreateExport
 from api.services import jobs
-from api.services.fine_tuning import TooManyJobs
 from api.services.pagination import page
-from models.config import get_settings
 from models.export_spec import KIND, ExportOptions, build_spec, enqueue_export
 from models.job import Job, JobEvent
-from models.job_status import TERMINAL
 from models.project import Project
 
 
 def create(session: Session, project: Project, request: CreateExport) -> Job:
     options = ExportOptions.model_validate(request.model_dump(include=set(ExportOptions.model_fields)))
     spec = build_spec(session, project.id, request.source, options)
-    settings = get_settings()
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.project_id == project.id, Job.status.not_in(sorted(TERMINAL)))
-    )
-    if active >= settings.max_queued_jobs_per_project:
-        raise TooManyJobs(
-            f"This project already has {active} unfinished jobs (limit {settings.max_queued_jobs_per_project})."
-        )
+    jobs.check_room(session, project)
     return enqueue_export(session, project.id, spec, metadata=request.metadata)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,9 +23,11 @@ UPLOAD_PURPOSES = {"fine-tune"}
 
 
 def _clean_filename(name: str | None) -> str:
-    # Keep only the last path component: the name is shown back, never used as a path.
-    base = (name or "upload.jsonl").replace("\\", "/").rsplit("/", 1)[-1].strip()
-    return (base or "upload.jsonl")[:255]
+    # A display name only, never a path (the content's key is the server's): the last path component, without
+    # control characters, and never "." or "..".
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable()).strip()
+    return (base if base not in ("", ".", "..") else "upload.jsonl")[:255]
 
 
 def upload(
@@ -89,10 +90,6 @@ def list_files(
     if purpose:
         stmt = stmt.where(File.purpose == purpose)
     return page(session, stmt, File.id, after, limit)
-
-
-def content_path(file: File) -> Path:
-    return get_storage().path_of(file.storage_key)
 
 
 def delete(session: Session, project: Project, file_id: str) -> None:

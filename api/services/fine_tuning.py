@@ -7,7 +7,7 @@ import json
 import struct
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.schemas.fine_tuning import CreateFineTuningJob
@@ -15,22 +15,16 @@ from api.services import evaluations, jobs
 from api.services.pagination import page
 from models.config import get_settings
 from models.datasets import DatasetSummary, check_template_against
-from models.errors import GroveError, InvalidRequest
+from models.errors import InvalidRequest
 from models.export_spec import check_chained_export
 from models.file import File
 from models.job import Checkpoint, Job, JobEvent
-from models.job_status import TERMINAL, JobStatus
+from models.job_status import JobStatus
 from models.model_store import resolve_model
 from models.project import Project
 from models.queue import dispatch_after_commit
 from models.specs import COMPLETION_MARKER, AdapterConfig, FineTuneSpec, TrainingOptions, split_template
 from models.transitions import add_event, switch_job_status
-
-
-class TooManyJobs(GroveError):
-    status_code = 429
-    type = "rate_limit_error"
-    code = "too_many_jobs"
 
 
 def _dataset_file(session: Session, project: Project, file_id: str, param: str) -> File:
@@ -230,13 +224,7 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
         spec_fields["max_seq_len"] = request.max_seq_len
     spec = FineTuneSpec(**spec_fields)
 
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.project_id == project.id, Job.status.not_in(sorted(TERMINAL)))
-    )
-    if active >= settings.max_queued_jobs_per_project:
-        raise TooManyJobs(
-            f"This project already has {active} unfinished jobs (limit {settings.max_queued_jobs_per_project})."
-        )
+    jobs.check_room(session, project)
 
     job = Job(
         project_id=project.id,

@@ -6,13 +6,14 @@ is only ever found through its own resource path.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.services.pagination import page
-from models.errors import Conflict, InvalidRequest, NotFound
+from models.config import get_settings
+from models.errors import Conflict, InvalidRequest, NotFound, TooManyJobs
 from models.job import Job, JobEvent
-from models.job_status import JobStatus
+from models.job_status import TERMINAL, JobStatus
 from models.project import Project
 from models.transitions import switch_job_status
 
@@ -23,6 +24,24 @@ KIND_NAMES = {
     "evaluation": ("evaluation job", "evaluation_id"),
     "sweep": ("sweep", "sweep_id"),
 }
+
+
+def unfinished_count(session: Session, project_id: str) -> int:
+    """Jobs of every kind the project holds that have not reached a terminal status."""
+    return session.scalar(
+        select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.not_in(sorted(TERMINAL)))
+    )
+
+
+def check_room(session: Session, project: Project) -> None:
+    """Refuse (429 too_many_jobs) a new job of any kind when the project is at its unfinished-jobs limit."""
+    limit = get_settings().max_queued_jobs_per_project
+    active = unfinished_count(session, project.id)
+    if active >= limit:
+        raise TooManyJobs(
+            f"This project already has {active} unfinished jobs (limit {limit}, GROVE_MAX_QUEUED_JOBS_PER_PROJECT); "
+            "wait for some to finish or cancel them."
+        )
 
 
 def get(session: Session, project: Project, job_id: str, kind: str) -> Job:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from pydantic import ValidationError
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from api.schemas.fine_tuning import CreateFineTuningJob
@@ -22,9 +22,8 @@ from models.evaluation_spec import EvaluationSettings
 from models.file import File
 from models.ids import new_id
 from models.job import Job, JobEvent
-from models.job_status import TERMINAL, JobStatus
+from models.job_status import JobStatus
 from models.project import Project
-from models.storage import get_storage
 from models.sweep_spec import (
     DEFAULT_RANDOM_TRIALS,
     MAX_GRID_SIZE,
@@ -199,13 +198,7 @@ def create(session: Session, project: Project, request: CreateSweep) -> Job:
         for value in values[1:]:
             _dry_run(session, project, base, parameters, first | {name: value}, name)
 
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.project_id == project.id, Job.status.not_in(sorted(TERMINAL)))
-    )
-    if active >= settings.max_queued_jobs_per_project:
-        raise fine_tuning.TooManyJobs(
-            f"This project already has {active} unfinished jobs (limit {settings.max_queued_jobs_per_project})."
-        )
+    jobs.check_room(session, project)
 
     spec = SweepSpec(
         **request.model_dump(exclude={"fine_tuning", "metadata", "num_trials", "objective"}),
@@ -277,7 +270,7 @@ def list_events(
     return jobs.list_events(session, project, sweep_id, KIND, after, limit)
 
 
-def report_path(session: Session, project: Project, sweep_id: str):
+def report_file(session: Session, project: Project, sweep_id: str):
     """The published report of a finished sweep (404 until there is one)."""
     job = get(session, project, sweep_id)
     file = None
@@ -285,4 +278,4 @@ def report_path(session: Session, project: Project, sweep_id: str):
         file = session.scalar(select(File).where(File.id == job.result_files[0], File.project_id == project.id))
     if file is None:
         raise NotFound("report of sweep", job.id, param="sweep_id")
-    return get_storage().path_of(file.storage_key)
+    return file

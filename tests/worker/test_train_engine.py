@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from models.datasets import PromptCompletionExample, TextExample
 from tests.conftest import write_jsonl
 from tests.worker.test_train import RecordingHooks, chat_examples, make_spec
+from worker.checkpoints import STATE_FILE, checkpoint_steps, kept_checkpoints
 from worker.data import (
     IGNORE_INDEX,
     cache_key,
@@ -25,15 +26,8 @@ from worker.data import (
     tokenize_examples,
     tokenizer_fingerprint,
 )
-from worker.train import (
-    STATE_FILE,
-    checkpoint_steps,
-    epoch_batches,
-    kept_checkpoints,
-    lr_factor,
-    merge_model,
-    train_adapter,
-)
+from worker.model_setup import merge_model
+from worker.train import epoch_batches, lr_factor, train_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
@@ -67,7 +61,7 @@ def test_qlora_trains_the_adapter_and_keeps_the_base_4bit(tiny_model_dir, tmp_pa
     import bitsandbytes as bnb
     from peft import PeftModel
 
-    from worker.train import build_model
+    from worker.model_setup import build_model
 
     spec = make_spec(adapter={"type": "qlora", "r": 4, "target_modules": ["q_proj", "v_proj"]}, max_steps=3)
     outcome, hooks = run(tiny_model_dir, tmp_path, adapter=spec.adapter.model_dump(), max_steps=3)
