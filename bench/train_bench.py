@@ -105,6 +105,9 @@ def run_olive(train: Path) -> dict:
     olive = olive_venv()
     out = OUT / "olive"
     shutil.rmtree(out, ignore_errors=True)
+    # Olive caches a workflow's results by its inputs (.olive-cache in the working directory): a second run
+    # would return the first one's adapter in seconds.
+    shutil.rmtree(REPO / ".olive-cache", ignore_errors=True)
     args = [
         str(olive), "finetune", "-m", str(MODEL), "-o", str(out),
         "--method", "lora", "--lora_r", str(SETTINGS["r"]), "--lora_alpha", str(SETTINGS["alpha"]),
