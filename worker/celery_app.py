@@ -1,8 +1,18 @@
 """Celery entry point: `celery -A worker.celery_app worker -Q fine_tune`."""
 
+from celery.signals import worker_process_init
+
+from models.db import get_engine
 from models.queue import get_celery
 
 app = get_celery()
+
+
+@worker_process_init.connect
+def _fresh_connections_after_fork(**_) -> None:
+    # A pool process forked after the parent opened connections (its heartbeat thread) must not share them:
+    # two processes on one socket interleave their statements. Drop the inherited pool without closing it.
+    get_engine().dispose(close=False)
 
 import worker.maintenance  # noqa: E402,F401  (the beat's periodic tasks)
 import worker.observability  # noqa: E402,F401  (JSON logs with job ids, heartbeats)
