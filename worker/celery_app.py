@@ -14,6 +14,7 @@ def _fresh_connections_after_fork(**_) -> None:
     # two processes on one socket interleave their statements. Drop the inherited pool without closing it.
     get_engine().dispose(close=False)
 
+
 import worker.maintenance  # noqa: E402,F401  (the beat's periodic tasks)
 import worker.observability  # noqa: E402,F401  (JSON logs with job ids, heartbeats)
 import worker.tasks  # noqa: E402,F401  (registers the tasks on `app`)

@@ -50,7 +50,7 @@ from worker.eval_metrics import (
     rouge_l_scores,
     rounded,
 )
-from worker.lease import Lease
+from worker.lease import Lease, confirm_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -479,12 +479,4 @@ def _copy_to_parent(session, job: Job, summary: dict, file_id: str) -> None:
 
 
 def _finish_stopped(job: Job, lease: Lease, n_done: int) -> None:
-    with session_scope() as session:
-        switch_job_status(
-            session,
-            job.id,
-            JobStatus.cancelled,
-            only_from={JobStatus.cancelling},
-            lease_owner=lease.owner,
-            message=f"Evaluation cancelled after {n_done} of its targets.",
-        )
+    confirm_cancelled(job.id, lease, f"Evaluation cancelled after {n_done} of its targets.")

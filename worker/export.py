@@ -63,7 +63,7 @@ from models.results import publish_file
 from models.storage import get_storage
 from models.transitions import add_event, switch_job_status
 from worker.archives import pack_tar, unpack_tar
-from worker.lease import Lease
+from worker.lease import Lease, confirm_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -487,12 +487,4 @@ def _fail(job: Job, lease: Lease, code: str, message: str) -> None:
 
 
 def _finish_stopped(job: Job, lease: Lease) -> None:
-    with session_scope() as session:
-        switch_job_status(
-            session,
-            job.id,
-            JobStatus.cancelled,
-            only_from={JobStatus.cancelling},
-            lease_owner=lease.owner,
-            message="Export cancelled.",
-        )
+    confirm_cancelled(job.id, lease, "Export cancelled.")

@@ -35,7 +35,7 @@ from models.specs import FineTuneSpec
 from models.storage import delete_after_commit, get_storage
 from models.transitions import add_event, switch_job_status
 from worker.archives import pack_tar, unpack_tar
-from worker.lease import Lease
+from worker.lease import Lease, confirm_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -485,13 +485,4 @@ def _publish_and_succeed(job: Job, lease: Lease, artifacts: list[tuple[Path, str
 
 
 def _finish_stopped(job: Job, lease: Lease, steps: int) -> None:
-    with session_scope() as session:
-        switch_job_status(
-            session,
-            job.id,
-            JobStatus.cancelled,
-            only_from={JobStatus.cancelling},
-            lease_owner=lease.owner,
-            message=f"Job cancelled after {steps} steps.",
-            data={"step": steps},
-        )
+    confirm_cancelled(job.id, lease, f"Job cancelled after {steps} steps.", data={"step": steps})

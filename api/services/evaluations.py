@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 
 from api.schemas.evaluations import CreateEvaluation, TargetRequest
 from api.services import jobs
-from api.services.pagination import page
 from models.config import get_settings
 from models.errors import InvalidRequest
 from models.evaluation_spec import (
@@ -253,10 +252,7 @@ def get(session: Session, project: Project, job_id: str) -> Job:
 def list_evaluations(
     session: Session, project: Project, after: str | None, limit: int, parent_id: str | None = None
 ) -> tuple[list[Job], bool]:
-    if parent_id is None:
-        return jobs.list_of_kind(session, project, KIND, after, limit)
-    stmt = select(Job).where(Job.project_id == project.id, Job.kind == KIND, Job.parent_id == parent_id)
-    return page(session, stmt, Job.id, after, limit)
+    return jobs.list_of_kind(session, project, KIND, after, limit, parent_id)
 
 
 def cancel(session: Session, project: Project, job_id: str) -> Job:
@@ -269,14 +265,6 @@ def list_events(
     return jobs.list_events(session, project, job_id, KIND, after, limit)
 
 
-def report_file(session: Session, project: Project, job_id: str):
+def report_file(session: Session, project: Project, job_id: str) -> File:
     """The published report of a finished evaluation (404 until there is one)."""
-    from models.errors import NotFound
-
-    job = get(session, project, job_id)
-    file = None
-    if job.result_files:
-        file = session.scalar(select(File).where(File.id == job.result_files[0], File.project_id == project.id))
-    if file is None:
-        raise NotFound("report of evaluation", job.id, param="evaluation_id")
-    return file
+    return jobs.result_file(session, project, job_id, KIND)

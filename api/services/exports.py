@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.schemas.exports import CreateExport
 from api.services import jobs
-from api.services.pagination import page
 from models.export_spec import KIND, ExportOptions, build_spec, enqueue_export
 from models.job import Job, JobEvent
 from models.project import Project
@@ -27,10 +25,7 @@ def get(session: Session, project: Project, job_id: str) -> Job:
 def list_exports(
     session: Session, project: Project, after: str | None, limit: int, parent_id: str | None = None
 ) -> tuple[list[Job], bool]:
-    if parent_id is None:
-        return jobs.list_of_kind(session, project, KIND, after, limit)
-    stmt = select(Job).where(Job.project_id == project.id, Job.kind == KIND, Job.parent_id == parent_id)
-    return page(session, stmt, Job.id, after, limit)
+    return jobs.list_of_kind(session, project, KIND, after, limit, parent_id)
 
 
 def cancel(session: Session, project: Project, job_id: str) -> Job:

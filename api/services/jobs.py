@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from api.services.pagination import page
 from models.config import get_settings
 from models.errors import Conflict, InvalidRequest, NotFound, TooManyJobs
+from models.file import File
 from models.job import Job, JobEvent
 from models.job_status import TERMINAL, JobStatus
 from models.project import Project
@@ -53,10 +54,25 @@ def get(session: Session, project: Project, job_id: str, kind: str) -> Job:
 
 
 def list_of_kind(
-    session: Session, project: Project, kind: str, after: str | None, limit: int
+    session: Session, project: Project, kind: str, after: str | None, limit: int, parent_id: str | None = None
 ) -> tuple[list[Job], bool]:
+    """A page of the project's jobs of `kind`; with `parent_id`, only the children of that job."""
     stmt = select(Job).where(Job.project_id == project.id, Job.kind == kind)
+    if parent_id is not None:
+        stmt = stmt.where(Job.parent_id == parent_id)
     return page(session, stmt, Job.id, after, limit)
+
+
+def result_file(session: Session, project: Project, job_id: str, kind: str) -> File:
+    """The first result file of a job (its report), or 404 until the job has published one."""
+    job = get(session, project, job_id, kind)
+    file = None
+    if job.result_files:
+        file = session.scalar(select(File).where(File.id == job.result_files[0], File.project_id == project.id))
+    if file is None:
+        name, param = KIND_NAMES.get(kind, (f"{kind} job", "job_id"))
+        raise NotFound(f"report of {name}", job.id, param=param)
+    return file
 
 
 def cancel(session: Session, project: Project, job_id: str, kind: str) -> Job:

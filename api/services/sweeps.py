@@ -17,7 +17,7 @@ from api.schemas.fine_tuning import CreateFineTuningJob
 from api.schemas.sweeps import CreateSweep
 from api.services import evaluations, fine_tuning, jobs
 from models.config import get_settings
-from models.errors import GroveError, InvalidRequest, NotFound
+from models.errors import GroveError, InvalidRequest
 from models.evaluation_spec import EvaluationSettings
 from models.file import File
 from models.ids import new_id
@@ -270,12 +270,6 @@ def list_events(
     return jobs.list_events(session, project, sweep_id, KIND, after, limit)
 
 
-def report_file(session: Session, project: Project, sweep_id: str):
+def report_file(session: Session, project: Project, sweep_id: str) -> File:
     """The published report of a finished sweep (404 until there is one)."""
-    job = get(session, project, sweep_id)
-    file = None
-    if job.result_files:
-        file = session.scalar(select(File).where(File.id == job.result_files[0], File.project_id == project.id))
-    if file is None:
-        raise NotFound("report of sweep", job.id, param="sweep_id")
-    return file
+    return jobs.result_file(session, project, sweep_id, KIND)
