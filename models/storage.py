@@ -96,7 +96,11 @@ class Storage(ABC):
         cutoff = time.time() - older_than_seconds
         removed = 0
         for entry in self.tmp.iterdir():
-            if entry.stat().st_mtime < cutoff:
+            try:
+                stale = entry.stat().st_mtime < cutoff
+            except FileNotFoundError:  # committed or discarded meanwhile
+                continue
+            if stale:
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:

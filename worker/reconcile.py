@@ -23,6 +23,7 @@ from models.db import session_scope
 from models.job import Job
 from models.job_status import JobStatus
 from models.queue import publish_job
+from models.storage import get_storage
 from models.sweep_spec import SWEEP_KIND
 from models.transitions import switch_job_status
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 def reconcile_once() -> dict[str, int]:
     settings = get_settings()
     now = utcnow()
-    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "republished": 0, "sweeps": 0}
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "republished": 0, "sweeps": 0, "temp_files": 0}
     with session_scope() as session:
         expired = session.execute(
             select(Job.id, Job.status, Job.attempts, Job.step).where(
@@ -96,6 +97,11 @@ def reconcile_once() -> dict[str, int]:
         except Exception:
             log.exception("re-publishing %s failed; will retry", job_id)
             break
+    # Staged uploads and artifacts of a process killed mid-write (an hour old: none still being written).
+    try:
+        counts["temp_files"] = get_storage().sweep_temp()
+    except OSError:
+        log.exception("removing abandoned temp files failed; will retry")
     if any(counts.values()):
         log.info("reconciler: %s", counts)
     return counts

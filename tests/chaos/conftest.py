@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 
@@ -80,6 +81,8 @@ def chaos_stack(private_redis, tiny_model):
             "GROVE_RECONCILE_INTERVAL_SECONDS": "1",
             "GROVE_LEASE_SECONDS": "4",
             "GROVE_REDISPATCH_AFTER_SECONDS": "5",
+            # Its own store: an API killed mid-upload leaves a staged temp file that other tests must not see.
+            "GROVE_STORAGE_DIR": tempfile.mkdtemp(prefix="grove-chaos-storage-"),
         },
     )
     yield stack

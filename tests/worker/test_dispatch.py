@@ -132,3 +132,21 @@ def test_heartbeat_sees_cancel(job_id, client, auth):
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
     lease.beat()
     assert lease.cancel_requested.is_set() and lease.should_stop
+
+
+def test_reconciler_removes_temp_files_abandoned_by_a_crash(client):
+    import os
+    import time
+
+    from models.storage import get_storage
+
+    tmp = get_storage().tmp
+    tmp.mkdir(parents=True, exist_ok=True)
+    abandoned, fresh = tmp / "upload-abandoned", tmp / "upload-in-flight"
+    abandoned.write_bytes(b"half a file")
+    fresh.write_bytes(b"being written")
+    two_hours_ago = time.time() - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    assert reconcile_once()["temp_files"] >= 1
+    assert not abandoned.exists() and fresh.exists()
+    fresh.unlink()
