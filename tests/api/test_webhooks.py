@@ -276,7 +276,11 @@ def test_two_senders_never_send_one_delivery_twice(client, auth, tmp_path):
         [pending] = _deliveries(client, auth, endpoint["id"])
         with ThreadPoolExecutor(4) as pool:
             outcomes = list(pool.map(deliver, [pending["id"]] * 4))
-        assert sorted(map(str, outcomes)) == ["None", "None", "None", "succeeded"]
+        # A live test server's webhook sender shares this database and may be a fifth sender: whoever wins,
+        # the delivery goes out once.
+        assert outcomes.count("succeeded") <= 1 and set(map(str, outcomes)) <= {"None", "succeeded"}
+        r.wait_for(1, timeout=10)
+        time.sleep(1)  # room for a second, wrong sending to arrive
         assert len(r.requests) == 1
 
 
