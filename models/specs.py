@@ -108,7 +108,15 @@ class TrainingOptions(BaseModel):
     mixed_precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         AUTO,
         description="Compute dtype. auto: bf16 on a CUDA device that supports it, else fp32. bf16 on CPU keeps "
-        "the frozen base in bf16 (trainable weights stay fp32). fp16 needs CUDA.",
+        "the frozen base in bf16 and computes lora/dora adapters in bf16, with fp32 master weights for the "
+        "optimizer (saved weights are fp32). fp16 needs CUDA.",
+    )
+    compile: bool | Literal["auto"] = Field(
+        AUTO,
+        description="torch.compile the decoder layers (compiled once, shared by every layer, any sequence "
+        "length). The first compile of a model and setting takes tens of seconds (cached on the worker "
+        "after that); each step is then about a quarter faster on CPU. auto: on for CPU runs of at least "
+        "1,000 steps (lora, dora, full; not qlora, not with gradient checkpointing).",
     )
     packing: bool = Field(
         True,

@@ -383,6 +383,7 @@ def run(job_id: str, lease: Lease) -> None:
             progress,
             init_dir=init_dir,
             cache_dir=work_root / "token-cache",
+            compile_cache_dir=work_root / "compile-cache",
         )
         if outcome.stopped:
             if lease.lost.is_set():

@@ -114,6 +114,8 @@ class Setup:
     autocast_dtype: Any  # None: no autocast
     rank: int | None
     is_peft: bool
+    # The dtype the model computes its trained weights in, when it is not theirs (fp32): see worker/master_weights.py.
+    trained_compute_dtype: Any = None
 
 
 def _load_base(spec: FineTuneSpec, source: Path, device, precision: str, attn: str):
@@ -149,12 +151,17 @@ def _load_base(spec: FineTuneSpec, source: Path, device, precision: str, attn: s
 
 
 FP32_ATTENTION = "grove_sdpa_fp32"
+EAGER_ATTENTION_MAX_LEN = 1024
 
 
-def attention_for(device, precision: str) -> str:
-    """sdpa, except on CPU in bf16: there attention runs in fp32 (measured faster on these CPUs' kernels, and
-    more accurate), while the matmuls of the linear layers stay bf16."""
+def attention_for(device, precision: str, max_seq_len: int) -> str:
+    """sdpa, except on CPU in bf16. There, for sequences up to EAGER_ATTENTION_MAX_LEN, eager attention (bf16
+    matmuls, fp32 softmax): on training rows of 30-500 tokens it took 0.4-0.8x the time of the CPU flash kernel
+    (which is slower still in bf16), and the same at 1024. Beyond that the eager score matrix grows too big,
+    and sdpa runs in fp32, which these CPUs' flash kernels do faster than bf16 (and more accurately)."""
     if device.type == "cpu" and precision == "bf16":
+        if max_seq_len <= EAGER_ATTENTION_MAX_LEN:
+            return "eager"
         _register_fp32_attention()
         return FP32_ATTENTION
     return "sdpa"
@@ -188,7 +195,7 @@ def build_model(
     import torch
 
     kind = spec.adapter.type
-    attn = attn or attention_for(device, precision)
+    attn = attn or attention_for(device, precision, spec.max_seq_len)
     full_init = init_dir is not None and kind == "full"
     model = _load_base(spec, init_dir if full_init else base_dir, device, precision, attn)
     model.config.use_cache = False
@@ -240,10 +247,53 @@ def build_model(
             param.data = param.data.float()
     model.train()
     setup = Setup(model, device, precision, autocast, rank, True)
+    if device.type == "cpu" and precision == "bf16" and kind in ("lora", "dora") and not spec.adapter.modules_to_save:
+        setup.trained_compute_dtype = torch.bfloat16
     if init_dir is not None:
         # Continuing an earlier job: its weights, this job's settings (the API checked that they fit).
         load_weights(setup, init_dir)
     return setup
+
+
+COMPILE_AUTO_MIN_STEPS = 1000  # on smollm2 a cold compile (~40 s) pays for itself after about 500 steps
+
+
+def resolve_compile(spec: FineTuneSpec, device, total_steps: int, gradient_checkpointing: bool) -> bool:
+    """Whether to compile the decoder layers (see FineTuneSpec.compile)."""
+    import shutil
+
+    wanted = spec.compile
+    if wanted == "auto":
+        wanted = (
+            device.type == "cpu"
+            and total_steps >= COMPILE_AUTO_MIN_STEPS
+            and spec.adapter.type != "qlora"
+            and not gradient_checkpointing
+        )
+    if wanted and device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        if spec.compile is True:
+            raise InvalidRequest("compile on CPU needs a C++ compiler on the worker, which it lacks.", param="compile")
+        return False
+    return bool(wanted)
+
+
+def compile_decoder_layers(model, cache_dir: Path | None = None) -> int:
+    """Regional compilation: every decoder layer's forward is compiled. The layers run the same code, so one
+    compiled graph (dynamic in the sequence length) serves them all, and the compile costs one layer's, not
+    the model's. `cache_dir` keeps inductor's compiled kernels for later jobs on this worker."""
+    import torch
+
+    if cache_dir is not None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n_layers = getattr(base.config, "num_hidden_layers", None)
+    for module in base.modules():
+        same_layers = isinstance(module, torch.nn.ModuleList) and len({type(layer) for layer in module}) == 1
+        if same_layers and len(module) == n_layers:
+            for layer in module:
+                layer.compile(dynamic=True)
+            return len(module)
+    return 0
 
 
 def forward_accepts(model, name: str) -> bool:

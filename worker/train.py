@@ -63,15 +63,18 @@ from worker.data import (
     finalize,
     pack_rows,
 )
+from worker.master_weights import TrainedWeights
 from worker.model_setup import (
     Setup,
     activation_bytes,
     available_memory,
     build_model,
+    compile_decoder_layers,
     forward_accepts,
     load_weights,
     peak_memory_mb,
     pick_device,
+    resolve_compile,
     save_weights,
     set_threads,
 )
@@ -283,7 +286,8 @@ class _Trainer:
         self.model.eval()
         loss, correct, targets = 0.0, 0, 0
         try:
-            with torch.no_grad():
+            # Compiled layers would compile again for no_grad: not worth it for a few evaluation batches.
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 for bins in micro:
                     self.poll_stop()
                     loss_sum, n_correct, _, _ = self.loss_sums(bins)
@@ -318,6 +322,7 @@ def train_adapter(
     *,
     init_dir: Path | None = None,
     cache_dir: Path | None = None,
+    compile_cache_dir: Path | None = None,
     resume: bool = True,
 ) -> TrainOutcome:
     """Train, resuming from the latest checkpoint under work_dir if there is one (and `resume`)."""
@@ -394,13 +399,20 @@ def train_adapter(
         torch.cuda.manual_seed_all(spec.seed)
     setup = build_model(spec, base_dir, device, precision, checkpointing, init_dir)
     model = setup.model
-    params = [p for p in model.parameters() if p.requires_grad]
+    saved = checkpoint_steps(work_dir) if resume else []
+    if saved:  # the weights first, in fp32, so that master weights start from them exactly
+        load_weights(setup, checkpoint_dir(work_dir, saved[-1]))
+    weights = TrainedWeights([p for p in model.parameters() if p.requires_grad], setup.trained_compute_dtype)
+    params = weights.master
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=learning_rate)
+    compiled_layers = 0
+    if resolve_compile(spec, device, total_steps, checkpointing):
+        compiled_layers = compile_decoder_layers(model, compile_cache_dir)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     step = 0
@@ -414,14 +426,12 @@ def train_adapter(
     # Accumulated since the last logged step.
     acc = {"loss": 0.0, "correct": 0, "targets": 0, "tokens": 0, "positions": 0, "seconds": 0.0}
     resumed_from = None
-    saved = checkpoint_steps(work_dir) if resume else []
     if saved:
         resumed_from = saved[-1]
         path = checkpoint_dir(work_dir, resumed_from)
         state = torch.load(path / STATE_FILE, map_location=device, weights_only=False)
         if state.get("total_steps") != total_steps or state.get("n_rows") != n_rows:
             raise RuntimeError(f"checkpoint {path} was written for another schedule or data; refusing to resume")
-        load_weights(setup, path)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -449,6 +459,8 @@ def train_adapter(
         "mixed_precision": precision,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "gradient_checkpointing": checkpointing,
+        "compiled_layers": compiled_layers,
+        "trained_weights_compute_dtype": str(weights.params[0].dtype).removeprefix("torch.") if params else None,
         "estimated_activation_mb": round(activations / 2**20, 1),
         "packing": spec.packing,
         "steps_per_epoch": steps_per_epoch,
@@ -492,7 +504,8 @@ def train_adapter(
 
     def save_checkpoint(at: int, kept: list[int]) -> Path:
         def write(tmp: Path) -> None:
-            save_weights(setup, tmp)
+            with weights.full_precision():
+                save_weights(setup, tmp)
             state = {
                 "step": at,
                 "total_steps": total_steps,
@@ -529,6 +542,7 @@ def train_adapter(
                 group["lr"] = lr
             micro = micro_batches([train.rows[i] for i in indices], spec.packing, capacity, accumulation, token_budget)
             loss_sum, correct, n_targets, n_real, n_positions = trainer.train_step(micro, scaler)
+            weights.grads_to_master()
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if spec.max_grad_norm > 0:
@@ -539,6 +553,7 @@ def train_adapter(
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            weights.master_to_model()
             if cuda:
                 torch.cuda.synchronize()
             acc["seconds"] += time.perf_counter() - step_started
@@ -631,7 +646,8 @@ def train_adapter(
         save_atomically(adapter_dir, copy_best)
         result_step = best_step
     else:
-        save_atomically(adapter_dir, lambda tmp: save_weights(setup, tmp, tokenizer))
+        with weights.full_precision():
+            save_atomically(adapter_dir, lambda tmp: save_weights(setup, tmp, tokenizer))
     return TrainOutcome(
         stopped=stopped,
         steps=step,

@@ -114,11 +114,78 @@ def test_modules_to_save_train_a_copy_and_leave_the_base(tiny_model_dir, tmp_pat
     assert all("lora_" in name or "lm_head" in name for name in saved)
 
 
-def test_bf16_on_cpu_trains_with_a_bf16_base_and_fp32_adapter(tiny_model_dir, tmp_path):
-    outcome, hooks = run(tiny_model_dir, tmp_path, max_steps=2, mixed_precision="bf16")
-    assert hooks.started[1]["mixed_precision"] == "bf16"
+def test_bf16_on_cpu_computes_the_adapter_in_bf16_and_saves_fp32_master_weights(tiny_model_dir, tmp_path):
+    outcome, hooks = run(tiny_model_dir, tmp_path, max_steps=3, mixed_precision="bf16")
+    stats = hooks.started[1]
+    assert (stats["mixed_precision"], stats["dtype"], stats["trained_weights_compute_dtype"]) == (
+        "bf16",
+        "bfloat16",
+        "bfloat16",
+    )
     assert all(math.isfinite(m["train_loss"]) for _, _, m in hooks.metrics)
-    assert all(t.dtype == torch.float32 for t in adapter_of(outcome).values())
+    adapter = adapter_of(outcome)
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+    # The saved weights are the fp32 masters, not the bf16 copies the model computed with.
+    trained_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in trained_b)
+
+
+def test_bf16_resume_restores_the_fp32_master_weights(tiny_model_dir, tmp_path):
+    settings = {"examples": chat_examples(16), "hyperparameters": {"batch_size": 4, "n_epochs": 2}}
+    settings |= {"save_every_steps": 2, "seed": 3, "mixed_precision": "bf16"}
+    reference, _ = run(tiny_model_dir, tmp_path / "ref", **settings)
+    work = tmp_path / "job"
+    interrupted, _ = run(tiny_model_dir, work, RecordingHooks(stop_after=5), **settings)
+    assert interrupted.stopped and checkpoint_steps(work)[-1] == 4
+    shutil.rmtree(work / "adapter")
+    resumed, _ = run(tiny_model_dir, work, **settings)
+    assert resumed.resumed_from == 4
+    assert_same(adapter_of(resumed), adapter_of(reference))
+
+
+def test_attention_for_the_device_and_length():
+    from worker.model_setup import FP32_ATTENTION, attention_for
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_for(cpu, "bf16", 128) == "eager"
+    assert attention_for(cpu, "bf16", 4096) == FP32_ATTENTION
+    assert attention_for(cpu, "fp32", 128) == "sdpa"
+    assert attention_for(cuda, "bf16", 128) == "sdpa"
+
+
+def test_eager_attention_keeps_packed_examples_apart_in_the_loss(tiny_model_dir, tiny_tokenizer):
+    """The trainer builds the additive block-diagonal mask eager attention needs; a packed micro-batch must
+    give the loss of its examples run one at a time."""
+    from worker.model_setup import build_model
+    from worker.train import _Trainer
+
+    spec = make_spec(max_seq_len=64)
+    setup = build_model(spec, tiny_model_dir, torch.device("cpu"), "fp32", False, attn="eager")
+    setup.model.eval()
+    texts = ["The cat sat on the mat.", "Paris is the capital of France, they say.", "Hi there", "One two three"]
+    rows = tokenize_examples([TextExample(text=t) for t in texts], tiny_tokenizer, max_seq_len=64).rows
+    bins = pack_rows(rows, capacity=40)
+    assert any(len(b) > 1 for b in bins)
+    trainer = _Trainer(setup, tiny_tokenizer.pad_token_id, RecordingHooks())
+    assert trainer.eager
+    with torch.no_grad():
+        packed_loss, _, n_real, _ = trainer.loss_sums(bins)
+        alone = sum(float(trainer.loss_sums([[row]])[0]) for row in rows)
+    assert n_real == sum(len(r["input_ids"]) for r in rows)
+    assert float(packed_loss) == pytest.approx(alone, rel=1e-5)
+
+
+def test_compiled_layers_train_like_eager_ones(tiny_model_dir, tmp_path):
+    settings = {"max_steps": 3, "seed": 4, "examples": chat_examples(12)}
+    plain, h1 = run(tiny_model_dir, tmp_path / "a", compile=False, **settings)
+    compiled, h2 = run(tiny_model_dir, tmp_path / "b", compile=True, **settings)
+    assert (h1.started[1]["compiled_layers"], h2.started[1]["compiled_layers"]) == (0, 2)
+    assert [m["train_loss"] for _, _, m in h1.metrics] == pytest.approx(
+        [m["train_loss"] for _, _, m in h2.metrics], rel=1e-4
+    )
+    assert_same(adapter_of(plain), adapter_of(compiled), atol=1e-4)
+    auto, h3 = run(tiny_model_dir, tmp_path / "c", max_steps=2)
+    assert h3.started[1]["compiled_layers"] == 0  # auto: too short a run to pay for a compile
 
 
 def test_fp16_without_cuda_is_a_user_error(tiny_model_dir, tmp_path):
