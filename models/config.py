@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         "with their weights (transformers' trust_remote_code). Any other model that needs it is refused.",
     )
     torch_threads: int | None = Field(None, description="Threads for CPU training; default: all cores.")
+    preload_training_libraries: bool = Field(
+        True,
+        description="A worker process imports torch, transformers and peft in the background as it starts "
+        "(about 4 s on two cores), so that its first training or evaluation job does not wait for them.",
+    )
 
     # Ecosystem (issue 7): maintenance queue, webhooks, live events, logs.
     maintenance_queue: str = Field(

@@ -1,7 +1,10 @@
 """Celery entry point: `celery -A worker.celery_app worker -Q fine_tune`."""
 
+import threading
+
 from celery.signals import worker_process_init
 
+from models.config import get_settings
 from models.db import get_engine
 from models.queue import get_celery
 
@@ -13,6 +16,15 @@ def _fresh_connections_after_fork(**_) -> None:
     # A pool process forked after the parent opened connections (its heartbeat thread) must not share them:
     # two processes on one socket interleave their statements. Drop the inherited pool without closing it.
     get_engine().dispose(close=False)
+    if get_settings().preload_training_libraries:
+        threading.Thread(target=_import_training_libraries, name="grove-preload", daemon=True).start()
+
+
+def _import_training_libraries() -> None:
+    # A job that needs them meanwhile waits on Python's import lock for what is left, never imports twice.
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
 import worker.maintenance  # noqa: E402,F401  (the beat's periodic tasks)
