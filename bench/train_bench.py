@@ -213,6 +213,11 @@ def run_grove(train: Path, valid: Path, extra: dict) -> dict:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        # A deployed worker has been up for a while: let it finish importing torch & co. before the job starts.
+        for _ in range(120):
+            if "Training libraries loaded" in (root / "worker.log").read_text():
+                break
+            time.sleep(0.5)
 
         def upload(path: Path) -> str:
             with path.open("rb") as f:
