@@ -13,7 +13,9 @@ labels, and prints rows for docs/BENCHMARKS.md:
    number after ####, ROUGE-L, BLEU), 256 new tokens;
 6. finetune (not in the default parts: about half an hour): the reference task end to end, a LoRA fine-tune
    with default settings on the first --train-rows training rows, its int4 export, and one evaluation job
-   scoring base, adapter and export on the same val rows.
+   scoring base, adapter and export on the same val rows. --completion-only trains on the label alone (the
+   template's completion marker before it); --mixed-precision sets the job's mixed_precision (auto, the
+   default, is fp32 on a CPU and bf16 on a GPU that has it).
 
 Usage: make bench-eval   (or: flock /tmp/grove-heavy.lock .venv/bin/python bench/eval_emotion.py [--rows 500]
        [--parts raw,chat,reference,onnx,gsm])
@@ -144,6 +146,8 @@ def main() -> None:
     parser.add_argument("--reference-rows", type=int, default=100)
     parser.add_argument("--gsm-rows", type=int, default=20)
     parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--completion-only", action="store_true", help="fine-tune on the label tokens only")
+    parser.add_argument("--mixed-precision", default="auto", help="the fine-tune's mixed_precision")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}, finetune")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -174,7 +178,7 @@ def main() -> None:
     if "gsm" in parts:
         results.append(gsm8k(api, args.gsm_rows))
     if "finetune" in parts:
-        results += finetune(api, file_id, args.train_rows, generation)
+        results += finetune(api, file_id, args.train_rows, generation, args.completion_only, args.mixed_precision)
 
     print("\n## eval bench: all rows")
     for what, figure in results:
@@ -195,11 +199,15 @@ def reference(api: Api, file_id: str, n: int, generation: dict) -> tuple[str, st
     )
 
 
-def finetune(api: Api, file_id: str, n: int, generation: dict) -> list[tuple[str, str]]:
+def finetune(
+    api: Api, file_id: str, n: int, generation: dict, completion_only: bool, mixed_precision: str
+) -> list[tuple[str, str]]:
     with TRAIN.open() as f:
         rows = [json.loads(line) for line, _ in zip(f, range(n), strict=False)]
     training = api.upload(rows, "train.jsonl")
-    job = api.post("/v1/fine_tuning/jobs", {"model": MODEL, "training_file": training, "text_template": TEMPLATE})
+    template = TEMPLATE.replace(" {label}", "<|completion|> {label}") if completion_only else TEMPLATE
+    request = {"model": MODEL, "training_file": training, "text_template": template, "mixed_precision": mixed_precision}
+    job = api.post("/v1/fine_tuning/jobs", request)
     train_s = run_job(job["id"], "fine_tune")
     job = api.get(f"/v1/fine_tuning/jobs/{job['id']}")
     if job["status"] != "succeeded":
@@ -212,7 +220,8 @@ def finetune(api: Api, file_id: str, n: int, generation: dict) -> list[tuple[str
     hp = job["hyperparameters"]
     rows = [
         (
-            f"fine-tune, defaults, first {n} training rows",
+            f"fine-tune, defaults, first {n} training rows, mixed_precision {mixed_precision}"
+            + (", loss on the label only" if completion_only else ", loss on the whole text"),
             f"{train_s:.0f} s; {job['progress']['total_steps']} steps (batch {hp['batch_size']}, "
             f"{hp['n_epochs']} epoch(s), lr {hp.get('learning_rate')})",
         ),
