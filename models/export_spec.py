@@ -76,6 +76,13 @@ class Quantization(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    method: Literal["k_quant", "rtn"] = Field(
+        "k_quant",
+        description="How each block's scale is chosen. k_quant: searched to minimise the block's error "
+        "(llama.cpp's k-quants); rtn: round to nearest from the block's largest weight, the builder's default. "
+        "Same size and speed; k_quant builds a few seconds slower and keeps more accuracy (docs/BENCHMARKS.md).",
+    )
+
     block_size: Literal[16, 32, 64, 128, 256] = Field(
         32, description="Weights per quantization block (int4/int8). The builder's default is 32."
     )

@@ -30,7 +30,7 @@ Result contract (relied on by evaluation jobs and clients). When an export job s
 The manifest (`manifest.json`):
     format "grove.onnx-package", version 1, export_job_id, created_at,
     base_model {name, source_sha256 (the store's weights), onnx_file, sha256, data_file, data_sha256},
-    precision, execution_provider, adapter_mode (null for a base model), quantization {block_size,
+    precision, execution_provider, adapter_mode (null for a base model), quantization {method, block_size,
     accuracy_level} (int4/int8), lora_inputs (multi: every LoRA graph input name),
     adapters [{name, job_id, checkpoint_id, step, rank, alpha, target_modules, merged, file (path in the
     archive, multi only), bytes, sha256, onnx_inputs (the input names it fills)}],
@@ -241,6 +241,7 @@ def _run(job: Job, spec: ExportSpec, base, archives: dict[str, str], work_dir: P
         "cache_dir": work_dir / "builder-cache",
         "block_size": spec.quantization.block_size,
         "accuracy_level": spec.quantization.accuracy_level,
+        "quantization_method": spec.quantization.method,
         "should_stop": lambda: lease.should_stop,
     }
     first = spec.adapters[0] if spec.adapters else None

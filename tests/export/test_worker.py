@@ -154,7 +154,7 @@ def test_separate_int4_keeps_lora_unquantized(client, trained, tmp_path):
     )
     assert job["status"] == "succeeded", job["error"]
     manifest = job["result"]
-    assert manifest["quantization"] == {"block_size": 32, "accuracy_level": None}
+    assert manifest["quantization"] == {"method": "k_quant", "block_size": 32, "accuracy_level": None}
     assert manifest["gate"]["prompt_source"] == "request" and manifest["gate"]["prompts"] == 2
     assert manifest["adapters"][0]["file"] is None and manifest["files"] == {"manifest.json": job["result_files"][1]}
     package = untar(download(client, trained.auth, job["result_files"][0]).content, tmp_path / "p")
