@@ -4,14 +4,15 @@
 
 Everything is measured in one run on the same machine, through the export stage's own building blocks
 (worker/onnx_build.py, worker/onnx_package.py, worker/onnx_gate.py):
-1. two emotion LoRA adapters (r=8, all-linear; 300 and 120 training rows, 1 epoch, batch 8), trained with
-   the service's trainer and cached under var/bench/export/ (--retrain trains them again);
+1. two emotion LoRA adapters (r=8, all-linear; 2,000 and 120 training rows, 1 epoch, batch 8, lr 5e-4, bf16,
+   loss on the label only), trained with the service's trainer and cached under var/bench/export/ (--retrain
+   trains them again);
 2. export wall time and artifact size: base int4 and fp32, and int4 merged / separate / multi with adapters;
 3. the parity gate's numbers for each int4 export (token match, mean |logit diff|);
 4. generation tokens/s, 64 new greedy tokens, batch 1, same prompt: int4 ONNX (each mode, adapter active)
    against PyTorch fp32 `generate` (base, and base + peft adapter);
-5. emotion accuracy on the first N rows of val.jsonl: int4 ONNX (merged, and multi with the adapter
-   active) against the PyTorch adapter;
+5. emotion accuracy on the first N rows of val.jsonl: int4 ONNX (merged with the service's default k-quant
+   and with round-to-nearest, and multi with the adapter active) against the PyTorch adapter;
 6. multi-adapter switching: set_active_adapter against loading a separate merged model;
 7. if Olive is importable (PYTHONPATH, see docs/BENCHMARKS.md): `olive auto-opt --use_model_builder` +
    `olive generate-adapter` on the same inputs: wall time, and whether the output loads and matches.
@@ -40,6 +41,7 @@ DATA = REPO.parent / "shared" / "data" / "emotion"
 OUT = REPO / "var" / "bench" / "export"
 MODEL = "smollm2-135m-instruct"
 TEMPLATE = "Text: {text}\nEmotion: {label}"
+TRAIN_TEMPLATE = TEMPLATE.replace(" {label}", "<|completion|> {label}")
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
@@ -69,24 +71,29 @@ class _Hooks:
 
 
 def train(name: str, n_rows: int, offset: int, base_dir: Path, retrain: bool) -> Path:
-    from models.datasets import TextExample
     from models.specs import FineTuneSpec
+    from worker.data import read_training_examples
     from worker.train import train_adapter
 
     destination = OUT / "adapters" / name
     if destination.joinpath("adapter_model.safetensors").is_file() and not retrain:
         return destination
-    examples = [TextExample(TEMPLATE.format_map(r)) for r in rows(DATA / "train.jsonl", n_rows, offset)]
+    work = OUT / "train" / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    source = work / "train.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows(DATA / "train.jsonl", n_rows, offset)))
+    examples = read_training_examples(source, TRAIN_TEMPLATE)
     spec = FineTuneSpec(
         model=MODEL,
         training_file="bench",
         hyperparameters={"n_epochs": 1, "batch_size": 8},
+        learning_rate=5e-4,
         adapter={"r": 8, "alpha": 16, "target_modules": "all-linear"},
-        text_template=TEMPLATE,
+        text_template=TRAIN_TEMPLATE,
+        mixed_precision="bf16",
         seed=1,
     )
-    work = OUT / "train" / name
-    shutil.rmtree(work, ignore_errors=True)
     outcome = train_adapter(spec, base_dir, examples, None, work, _Hooks())
     shutil.rmtree(destination, ignore_errors=True)
     shutil.copytree(outcome.adapter_dir, destination)
@@ -98,9 +105,12 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "adapters" not in p.parts)
 
 
-def export(name, base_dir, precision, mode, adapters: dict[str, Path]) -> tuple[Path, float, dict]:
+def export(name, base_dir, precision, mode, adapters: dict[str, Path], method=None) -> tuple[Path, float, dict]:
     """Build (and package) like worker/export.py does; returns the package dir, wall seconds, adapter files."""
+    from models.export_spec import Quantization
     from worker import onnx_build, onnx_package
+
+    quantized = {"quantization_method": method or Quantization().method}
 
     package = OUT / "packages" / name
     shutil.rmtree(package, ignore_errors=True)
@@ -109,16 +119,23 @@ def export(name, base_dir, precision, mode, adapters: dict[str, Path]) -> tuple[
     started = time.perf_counter()
     files: dict[str, Path] = {}
     if mode is None:
-        onnx_build.build(base_dir, package, precision, "cpu", cache_dir=cache)
+        onnx_build.build(base_dir, package, precision, "cpu", cache_dir=cache, **quantized)
     elif mode == "merged":
         merged = onnx_build.merge_adapter(base_dir, adapters[names[0]], OUT / "merged-tmp")
-        onnx_build.build(merged, package, precision, "cpu", cache_dir=cache)
+        onnx_build.build(merged, package, precision, "cpu", cache_dir=cache, **quantized)
         shutil.rmtree(merged)
     else:
         config = json.loads((adapters[names[0]] / "adapter_config.json").read_text())
         exclude = onnx_build.lora_node_names(onnx_build.num_hidden_layers(base_dir), config["target_modules"])
         onnx_build.build(
-            base_dir, package, precision, "cpu", cache_dir=cache, adapter_dir=adapters[names[0]], exclude_nodes=exclude
+            base_dir,
+            package,
+            precision,
+            "cpu",
+            cache_dir=cache,
+            adapter_dir=adapters[names[0]],
+            exclude_nodes=exclude,
+            **quantized,
         )
         if mode == "multi":
             inputs = onnx_package.make_lora_inputs(package)
@@ -310,20 +327,21 @@ def main() -> None:
     results: dict = {"machine": f"{len(os.sched_getaffinity(0))} CPU cores, torch {torch.__version__}"}
 
     print("training adapters", flush=True)
-    emotion = train("emotion", 300, 0, base_dir, args.retrain)
+    emotion = train("emotion", 2000, 0, base_dir, args.retrain)
     emotion2 = train("emotion2", 120, 3000, base_dir, args.retrain)
     adapters = {"emotion": emotion, "emotion2": emotion2}
 
     print("exporting", flush=True)
     exports = {}
-    for name, precision, mode, used in [
-        ("base-fp32", "fp32", None, {}),
-        ("base-int4", "int4", None, {}),
-        ("merged-int4", "int4", "merged", {"emotion": emotion}),
-        ("separate-int4", "int4", "separate", {"emotion": emotion}),
-        ("multi-int4", "int4", "multi", adapters),
+    for name, precision, mode, used, method in [
+        ("base-fp32", "fp32", None, {}, None),
+        ("base-int4", "int4", None, {}, None),
+        ("merged-int4", "int4", "merged", {"emotion": emotion}, None),
+        ("merged-int4-rtn", "int4", "merged", {"emotion": emotion}, "rtn"),
+        ("separate-int4", "int4", "separate", {"emotion": emotion}, None),
+        ("multi-int4", "int4", "multi", adapters, None),
     ]:
-        package, seconds, files = export(name, base_dir, precision, mode, used)
+        package, seconds, files = export(name, base_dir, precision, mode, used, method)
         exports[name] = {"package": package, "files": files, "mode": mode, "adapters": used}
         results.setdefault("exports", {})[name] = {"seconds": round(seconds, 1), "bytes": dir_bytes(package)}
         print(f"  {name}: {seconds:.1f} s, {dir_bytes(package) / 1e6:.1f} MB", flush=True)
@@ -378,6 +396,14 @@ def main() -> None:
         val,
     )
     acc["onnx_merged_seconds"] = round(time.perf_counter() - started, 1)
+    del model
+    model, _, _ = og_load(exports["merged-int4-rtn"]["package"])
+    acc["onnx int4 merged (rtn)"] = accuracy(
+        lambda i: og_generate(model, i, 4, stop_at_eos=True),
+        tokenizer.decode,
+        lambda p: [int(t) for t in tokenizer.encode(p)],
+        val,
+    )
     del model
     model, _, og_adapters = og_load(exports["multi-int4"]["package"], exports["multi-int4"]["files"])
     acc["onnx int4 multi (emotion active)"] = accuracy(

@@ -57,14 +57,16 @@ LORA_MODULES = {
     "down_proj": "mlp",
 }
 # Parity gate defaults per precision: (least share of matching greedy tokens, largest mean |logit diff|).
-# Calibrated on smollm2-135m-instruct (docs/BENCHMARKS.md, Export): its int4 CPU export (accuracy level 4)
-# matches 67-74% of PyTorch's greedy tokens with a mean |logit diff| of 1.7-2.2; fp32 matches every token.
+# Calibrated on smollm2-135m-instruct (docs/BENCHMARKS.md, Export): its k-quant int4 CPU exports (accuracy
+# level 4) match 60-92% of PyTorch's greedy tokens with a mean |logit diff| of 1.9-3.0 while losing under a
+# point of emotion accuracy; fp32 matches every token. A broken export (an adapter not applied, wrong inputs)
+# falls far below the token match.
 GATE_DEFAULTS: dict[str, tuple[float, float]] = {
     "fp32": (1.0, 0.01),
     "fp16": (0.9, 0.5),
     "bf16": (0.85, 0.75),
     "int8": (0.7, 1.5),
-    "int4": (0.5, 3.0),
+    "int4": (0.5, 4.0),
 }
 FIXED_PROMPTS = ["The capital of France is", "Write a short story about a robot.", "def fibonacci(n):"]
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -119,7 +121,7 @@ class GateOptions(BaseModel):
         None,
         gt=0.0,
         description="Largest mean absolute difference between the ONNX and PyTorch logits over the generated "
-        "positions. Default per precision: fp32 0.01, fp16 0.5, bf16 0.75, int8 1.5, int4 3.0.",
+        "positions. Default per precision: fp32 0.01, fp16 0.5, bf16 0.75, int8 1.5, int4 4.0.",
     )
 
 
