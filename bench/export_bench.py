@@ -11,8 +11,9 @@ Everything is measured in one run on the same machine, through the export stage'
 3. the parity gate's numbers for each int4 export (token match, mean |logit diff|);
 4. generation tokens/s, 64 new greedy tokens, batch 1, same prompt: int4 ONNX (each mode, adapter active)
    against PyTorch fp32 `generate` (base, and base + peft adapter);
-5. emotion accuracy on the first N rows of val.jsonl: int4 ONNX (merged with the service's default k-quant
-   and with round-to-nearest, and multi with the adapter active) against the PyTorch adapter;
+5. emotion accuracy on the first N rows of val.jsonl: int4 ONNX (merged with the service's default recipe,
+   k-quant with the sensitive layers in int8; all-int4 k-quant; all-int4 round-to-nearest; multi with the
+   adapter active) against the PyTorch adapter;
 6. multi-adapter switching: set_active_adapter against loading a separate merged model;
 7. if Olive is importable (PYTHONPATH, see docs/BENCHMARKS.md): `olive auto-opt --use_model_builder` +
    `olive generate-adapter` on the same inputs: wall time, and whether the output loads and matches.
@@ -105,12 +106,16 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "adapters" not in p.parts)
 
 
-def export(name, base_dir, precision, mode, adapters: dict[str, Path], method=None) -> tuple[Path, float, dict]:
+def export(name, base_dir, precision, mode, adapters: dict[str, Path], **quantization) -> tuple[Path, float, dict]:
     """Build (and package) like worker/export.py does; returns the package dir, wall seconds, adapter files."""
     from models.export_spec import Quantization
     from worker import onnx_build, onnx_package
 
-    quantized = {"quantization_method": method or Quantization().method}
+    default = Quantization()
+    quantized = {
+        "quantization_method": quantization.get("method", default.method),
+        "int8_sensitive_layers": quantization.get("int8_sensitive_layers", default.int8_sensitive_layers),
+    }
 
     package = OUT / "packages" / name
     shutil.rmtree(package, ignore_errors=True)
@@ -333,15 +338,17 @@ def main() -> None:
 
     print("exporting", flush=True)
     exports = {}
-    for name, precision, mode, used, method in [
-        ("base-fp32", "fp32", None, {}, None),
-        ("base-int4", "int4", None, {}, None),
-        ("merged-int4", "int4", "merged", {"emotion": emotion}, None),
-        ("merged-int4-rtn", "int4", "merged", {"emotion": emotion}, "rtn"),
-        ("separate-int4", "int4", "separate", {"emotion": emotion}, None),
-        ("multi-int4", "int4", "multi", adapters, None),
+    all_int4 = {"int8_sensitive_layers": False}
+    for name, precision, mode, used, quantization in [
+        ("base-fp32", "fp32", None, {}, {}),
+        ("base-int4", "int4", None, {}, {}),
+        ("merged-int4", "int4", "merged", {"emotion": emotion}, {}),
+        ("merged-int4-k_quant-all", "int4", "merged", {"emotion": emotion}, all_int4),
+        ("merged-int4-rtn-all", "int4", "merged", {"emotion": emotion}, all_int4 | {"method": "rtn"}),
+        ("separate-int4", "int4", "separate", {"emotion": emotion}, {}),
+        ("multi-int4", "int4", "multi", adapters, {}),
     ]:
-        package, seconds, files = export(name, base_dir, precision, mode, used, method)
+        package, seconds, files = export(name, base_dir, precision, mode, used, **quantization)
         exports[name] = {"package": package, "files": files, "mode": mode, "adapters": used}
         results.setdefault("exports", {})[name] = {"seconds": round(seconds, 1), "bytes": dir_bytes(package)}
         print(f"  {name}: {seconds:.1f} s, {dir_bytes(package) / 1e6:.1f} MB", flush=True)
@@ -397,14 +404,16 @@ def main() -> None:
     )
     acc["onnx_merged_seconds"] = round(time.perf_counter() - started, 1)
     del model
-    model, _, _ = og_load(exports["merged-int4-rtn"]["package"])
-    acc["onnx int4 merged (rtn)"] = accuracy(
-        lambda i: og_generate(model, i, 4, stop_at_eos=True),
-        tokenizer.decode,
-        lambda p: [int(t) for t in tokenizer.encode(p)],
-        val,
-    )
-    del model
+    for variant in ("k_quant-all", "rtn-all"):
+        model, _, _ = og_load(exports[f"merged-int4-{variant}"]["package"])
+        acc[f"onnx int4 merged ({variant})"] = accuracy(
+            lambda i, model=model: og_generate(model, i, 4, stop_at_eos=True),
+            tokenizer.decode,
+            lambda p: [int(t) for t in tokenizer.encode(p)],
+            val,
+        )
+        results["tokens_per_second"][f"onnx int4 merged ({variant})"] = round(og_tokens_per_second(model, ids), 1)
+        del model
     model, _, og_adapters = og_load(exports["multi-int4"]["package"], exports["multi-int4"]["files"])
     acc["onnx int4 multi (emotion active)"] = accuracy(
         lambda i: og_generate(model, i, 4, og_adapters, "emotion", stop_at_eos=True),

@@ -84,6 +84,13 @@ class Quantization(BaseModel):
         "(llama.cpp's k-quants); rtn: round to nearest from the block's largest weight, the builder's default. "
         "Same size and speed; k_quant builds a few seconds slower and keeps more accuracy (docs/BENCHMARKS.md).",
     )
+    int8_sensitive_layers: bool = Field(
+        True,
+        description="int4 only: keep the most quantization-sensitive MatMuls in int8, as llama.cpp's Q4_K_M does "
+        "(the first and last eighth of the layers and every third layer's qkv, v and down projections). About "
+        "10% larger and a third slower to generate than all-int4, and within a point of fp32 accuracy where "
+        "all-int4 lost two (docs/BENCHMARKS.md, Export).",
+    )
 
     block_size: Literal[16, 32, 64, 128, 256] = Field(
         32, description="Weights per quantization block (int4/int8). The builder's default is 32."

@@ -30,8 +30,8 @@ Result contract (relied on by evaluation jobs and clients). When an export job s
 The manifest (`manifest.json`):
     format "grove.onnx-package", version 1, export_job_id, created_at,
     base_model {name, source_sha256 (the store's weights), onnx_file, sha256, data_file, data_sha256},
-    precision, execution_provider, adapter_mode (null for a base model), quantization {method, block_size,
-    accuracy_level} (int4/int8), lora_inputs (multi: every LoRA graph input name),
+    precision, execution_provider, adapter_mode (null for a base model), quantization {method,
+    int8_sensitive_layers, block_size, accuracy_level} (int4/int8), lora_inputs (multi: every LoRA graph input name),
     adapters [{name, job_id, checkpoint_id, step, rank, alpha, target_modules, merged, file (path in the
     archive, multi only), bytes, sha256, onnx_inputs (the input names it fills)}],
     gate {passed, prompts, max_new_tokens, min_token_match, max_mean_abs_logit_diff, reference,
@@ -242,6 +242,7 @@ def _run(job: Job, spec: ExportSpec, base, archives: dict[str, str], work_dir: P
         "block_size": spec.quantization.block_size,
         "accuracy_level": spec.quantization.accuracy_level,
         "quantization_method": spec.quantization.method,
+        "int8_sensitive_layers": spec.quantization.int8_sensitive_layers,
         "should_stop": lambda: lease.should_stop,
     }
     first = spec.adapters[0] if spec.adapters else None

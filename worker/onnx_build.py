@@ -2,7 +2,7 @@
 
     python -m onnxruntime_genai.models.builder -i DIR -o OUT -p PREC -e EP -c CACHE
         --extra_options hf_token=false [adapter_path=ADAPTER nodes_to_exclude=...] [block_size=..]
-        [algo_config=k_quant]
+        [algo_config=k_quant] [matmul_mixed_precision=mixed_layers:int8]
 
 A subprocess keeps the builder's memory and module state out of the worker and lets a cancel stop it
 at once. With `adapter_path` the builder keeps every LoRA pair as its own `.../lora_A/MatMul` and
@@ -75,6 +75,7 @@ def build(
     block_size: int | None = None,
     accuracy_level: int | None = None,
     quantization_method: str = "rtn",
+    int8_sensitive_layers: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
     poll_seconds: float = 0.5,
 ) -> BuildResult:
@@ -91,6 +92,8 @@ def build(
             extra.append(f"accuracy_level={accuracy_level}")
         if quantization_method != "rtn":  # the builder's "default" is round-to-nearest
             extra.append(f"algo_config={quantization_method}")
+        if precision == "int4" and int8_sensitive_layers:
+            extra.append("matmul_mixed_precision=mixed_layers:int8")
     command = [
         sys.executable,
         "-m",

@@ -26,7 +26,12 @@ def test_create_resolves_adapters_and_queues_on_the_cpu_queue(client, trained):
     assert job["model"] == "tiny-llama-test" and job["adapter_mode"] == "multi"  # the default for several
     assert [(x["name"], x["fine_tuning_job"], x["rank"]) for x in job["adapters"]] == [("a", a, 8), ("second", b, 8)]
     assert job["adapters"][0]["target_modules"] == ["q_proj", "v_proj"]
-    assert job["quantization"] == {"method": "k_quant", "block_size": 16, "accuracy_level": 4}
+    assert job["quantization"] == {
+        "method": "k_quant",
+        "int8_sensitive_layers": True,
+        "block_size": 16,
+        "accuracy_level": 4,
+    }
     assert job["gate"]["min_token_match"] == 0.5 and job["gate"]["max_mean_abs_logit_diff"] > 0
     assert job["queue"] == get_settings().fine_tune_queue and job["metadata"] == {"team": "x"}
     assert job["result_files"] == [] and job["progress"]["step"] == 0

@@ -154,14 +154,25 @@ def test_separate_int4_keeps_lora_unquantized(client, trained, tmp_path):
     )
     assert job["status"] == "succeeded", job["error"]
     manifest = job["result"]
-    assert manifest["quantization"] == {"method": "k_quant", "block_size": 32, "accuracy_level": None}
+    assert manifest["quantization"] == {
+        "method": "k_quant",
+        "int8_sensitive_layers": True,
+        "block_size": 32,
+        "accuracy_level": None,
+    }
     assert manifest["gate"]["prompt_source"] == "request" and manifest["gate"]["prompts"] == 2
     assert manifest["adapters"][0]["file"] is None and manifest["files"] == {"manifest.json": job["result_files"][1]}
     package = untar(download(client, trained.auth, job["result_files"][0]).content, tmp_path / "p")
     graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
     ops = {n.name: n.op_type for n in graph.node}
     assert ops["/model/layers.0/attn/q_proj/lora_A/MatMul"] == "MatMul"  # LoRA: float MatMuls
-    assert "MatMulNBits" in ops.values()  # base weights: int4
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"
+    }
+    # Base weights quantized: the sensitive projections (int8_sensitive_layers) in int8, the others in int4.
+    layer = "/model/layers.0"
+    assert bits[f"{layer}/mlp/down_proj/MatMul_Q8"] == bits[f"{layer}/attn/v_proj/MatMul_Q8"] == 8
+    assert bits[f"{layer}/mlp/up_proj/MatMul_Q4"] == bits["/lm_head/MatMul_Q4"] == 4
 
 
 def test_merged_int8_from_a_checkpoint(client, trained):
