@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from api.content import file_content
-from api.deps import ProjectDep, SessionDep
+from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.evaluations import CreateEvaluation, EvaluationEventObject, EvaluationObject
 from api.services import evaluations
@@ -21,20 +21,24 @@ def create_evaluation(session: SessionDep, project: ProjectDep, body: CreateEval
 
 
 @router.get("", response_model=ListObject[EvaluationObject])
-def list_evaluations(
-    session: SessionDep,
-    project: ProjectDep,
+async def list_evaluations(
+    read: ProjectReadDep,
     after: str | None = None,
     limit: Limit = 20,
     parent_id: Annotated[str | None, Query(description="Only the evaluation a fine-tuning job asked for.")] = None,
 ) -> ListObject[EvaluationObject]:
-    rows, has_more = evaluations.list_evaluations(session, project, after, limit, parent_id)
-    return ListObject.of([EvaluationObject.from_row(r) for r in rows], has_more)
+    def run(session, project):
+        rows, has_more = evaluations.list_evaluations(session, project, after, limit, parent_id)
+        return ListObject.of([EvaluationObject.from_row(r) for r in rows], has_more)
+
+    return await read(run)
 
 
 @router.get("/{evaluation_id}", response_model=EvaluationObject)
-def get_evaluation(session: SessionDep, project: ProjectDep, evaluation_id: str) -> EvaluationObject:
-    return EvaluationObject.from_row(evaluations.get(session, project, evaluation_id))
+async def get_evaluation(read: ProjectReadDep, evaluation_id: str) -> EvaluationObject:
+    return await read(
+        lambda session, project: EvaluationObject.from_row(evaluations.get(session, project, evaluation_id))
+    )
 
 
 @router.post("/{evaluation_id}/cancel", response_model=EvaluationObject)
@@ -43,11 +47,14 @@ def cancel_evaluation(session: SessionDep, project: ProjectDep, evaluation_id: s
 
 
 @router.get("/{evaluation_id}/events", response_model=ListObject[EvaluationEventObject])
-def list_events(
-    session: SessionDep, project: ProjectDep, evaluation_id: str, after: str | None = None, limit: Limit = 20
+async def list_events(
+    read: ProjectReadDep, evaluation_id: str, after: str | None = None, limit: Limit = 20
 ) -> ListObject[EvaluationEventObject]:
-    rows, has_more = evaluations.list_events(session, project, evaluation_id, after, limit)
-    return ListObject.of([EvaluationEventObject.from_row(r) for r in rows], has_more)
+    def run(session, project):
+        rows, has_more = evaluations.list_events(session, project, evaluation_id, after, limit)
+        return ListObject.of([EvaluationEventObject.from_row(r) for r in rows], has_more)
+
+    return await read(run)
 
 
 @router.get("/{evaluation_id}/report", response_class=FileResponse)

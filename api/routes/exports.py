@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import ProjectDep, SessionDep
+from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.exports import CreateExport, ExportJobEventObject, ExportJobObject
 from api.services import exports
@@ -19,20 +19,22 @@ def create_export(session: SessionDep, project: ProjectDep, body: CreateExport) 
 
 
 @router.get("", response_model=ListObject[ExportJobObject])
-def list_exports(
-    session: SessionDep,
-    project: ProjectDep,
+async def list_exports(
+    read: ProjectReadDep,
     after: str | None = None,
     limit: Limit = 20,
     parent_id: Annotated[str | None, Query(description="Only exports created by this fine-tuning job.")] = None,
 ) -> ListObject[ExportJobObject]:
-    rows, has_more = exports.list_exports(session, project, after, limit, parent_id)
-    return ListObject.of([ExportJobObject.from_row(r) for r in rows], has_more)
+    def run(session, project):
+        rows, has_more = exports.list_exports(session, project, after, limit, parent_id)
+        return ListObject.of([ExportJobObject.from_row(r) for r in rows], has_more)
+
+    return await read(run)
 
 
 @router.get("/{export_id}", response_model=ExportJobObject)
-def get_export(session: SessionDep, project: ProjectDep, export_id: str) -> ExportJobObject:
-    return ExportJobObject.from_row(exports.get(session, project, export_id))
+async def get_export(read: ProjectReadDep, export_id: str) -> ExportJobObject:
+    return await read(lambda session, project: ExportJobObject.from_row(exports.get(session, project, export_id)))
 
 
 @router.post("/{export_id}/cancel", response_model=ExportJobObject)
@@ -41,8 +43,11 @@ def cancel_export(session: SessionDep, project: ProjectDep, export_id: str) -> E
 
 
 @router.get("/{export_id}/events", response_model=ListObject[ExportJobEventObject])
-def list_events(
-    session: SessionDep, project: ProjectDep, export_id: str, after: str | None = None, limit: Limit = 20
+async def list_events(
+    read: ProjectReadDep, export_id: str, after: str | None = None, limit: Limit = 20
 ) -> ListObject[ExportJobEventObject]:
-    rows, has_more = exports.list_events(session, project, export_id, after, limit)
-    return ListObject.of([ExportJobEventObject.from_row(r) for r in rows], has_more)
+    def run(session, project):
+        rows, has_more = exports.list_events(session, project, export_id, after, limit)
+        return ListObject.of([ExportJobEventObject.from_row(r) for r in rows], has_more)
+
+    return await read(run)

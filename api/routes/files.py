@@ -7,7 +7,7 @@ from fastapi import File as FileParam
 from fastapi.responses import FileResponse, Response
 
 from api.content import file_content
-from api.deps import ProjectDep, SessionDep
+from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.files import FileDeleted, FileObject
 from api.services import files as file_service
@@ -36,20 +36,22 @@ def upload_file(
 
 
 @router.get("", response_model=ListObject[FileObject])
-def list_files(
-    session: SessionDep,
-    project: ProjectDep,
+async def list_files(
+    read: ProjectReadDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 100,
     purpose: str | None = None,
 ) -> ListObject[FileObject]:
-    rows, has_more = file_service.list_files(session, project, after, limit, purpose)
-    return ListObject.of([FileObject.from_row(r) for r in rows], has_more)
+    def run(session, project):
+        rows, has_more = file_service.list_files(session, project, after, limit, purpose)
+        return ListObject.of([FileObject.from_row(r) for r in rows], has_more)
+
+    return await read(run)
 
 
 @router.get("/{file_id}", response_model=FileObject)
-def get_file(session: SessionDep, project: ProjectDep, file_id: str) -> FileObject:
-    return FileObject.from_row(file_service.get(session, project, file_id))
+async def get_file(read: ProjectReadDep, file_id: str) -> FileObject:
+    return await read(lambda session, project: FileObject.from_row(file_service.get(session, project, file_id)))
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import ProjectDep, SessionDep
+from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.fine_tuning import (
     CheckpointObject,
@@ -37,16 +37,19 @@ def create_job(
 
 
 @router.get("", response_model=ListObject[FineTuningJobObject])
-def list_jobs(
-    session: SessionDep, project: ProjectDep, after: str | None = None, limit: Limit = 20
+async def list_jobs(
+    read: ProjectReadDep, after: str | None = None, limit: Limit = 20
 ) -> ListObject[FineTuningJobObject]:
-    rows, has_more = jobs.list_jobs(session, project, after, limit)
-    return ListObject.of([FineTuningJobObject.from_row(r) for r in rows], has_more)
+    def run(session, project):
+        rows, has_more = jobs.list_jobs(session, project, after, limit)
+        return ListObject.of([FineTuningJobObject.from_row(r) for r in rows], has_more)
+
+    return await read(run)
 
 
 @router.get("/{job_id}", response_model=FineTuningJobObject)
-def get_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTuningJobObject:
-    return FineTuningJobObject.from_row(jobs.get(session, project, job_id))
+async def get_job(read: ProjectReadDep, job_id: str) -> FineTuningJobObject:
+    return await read(lambda session, project: FineTuningJobObject.from_row(jobs.get(session, project, job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJobObject)
@@ -55,25 +58,30 @@ def cancel_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTun
 
 
 @router.get("/{job_id}/events", response_model=ListObject[FineTuningJobEventObject])
-def list_events(
-    session: SessionDep,
-    project: ProjectDep,
+async def list_events(
+    read: ProjectReadDep,
     job_id: str,
     after: str | None = None,
     limit: Limit = 20,
     stream: Annotated[bool, Query(description="Server-Sent Events, oldest first, until the job ends.")] = False,
     last_event_id: Annotated[str | None, Header(description="Resume a stream after this event.")] = None,
 ) -> ListObject[FineTuningJobEventObject] | StreamingResponse:
-    if stream:
-        render = lambda event: FineTuningJobEventObject.from_row(event).model_dump(mode="json")  # noqa: E731
-        return event_stream.open_stream(session, project, job_id, jobs.KIND, last_event_id or after, render)
-    rows, has_more = jobs.list_events(session, project, job_id, after, limit)
-    return ListObject.of([FineTuningJobEventObject.from_row(r) for r in rows], has_more)
+    def run(session, project):
+        if stream:
+            render = lambda event: FineTuningJobEventObject.from_row(event).model_dump(mode="json")  # noqa: E731
+            return event_stream.open_stream(session, project, job_id, jobs.KIND, last_event_id or after, render)
+        rows, has_more = jobs.list_events(session, project, job_id, after, limit)
+        return ListObject.of([FineTuningJobEventObject.from_row(r) for r in rows], has_more)
+
+    return await read(run)
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListObject[CheckpointObject])
-def list_checkpoints(
-    session: SessionDep, project: ProjectDep, job_id: str, after: str | None = None, limit: Limit = 10
+async def list_checkpoints(
+    read: ProjectReadDep, job_id: str, after: str | None = None, limit: Limit = 10
 ) -> ListObject[CheckpointObject]:
-    job, rows, has_more = jobs.list_checkpoints(session, project, job_id, after, limit)
-    return ListObject.of([CheckpointObject.from_row(r, job) for r in rows], has_more)
+    def run(session, project):
+        job, rows, has_more = jobs.list_checkpoints(session, project, job_id, after, limit)
+        return ListObject.of([CheckpointObject.from_row(r, job) for r in rows], has_more)
+
+    return await read(run)

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from api.deps import AdminDep, SessionDep
+from api.deps import AdminDep, AdminReadDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.keys import ApiKeyObject, ApiKeyWithSecretObject, CreateApiKey
 from api.services import keys
@@ -21,21 +21,23 @@ def create_key(session: SessionDep, _: AdminDep, body: CreateApiKey) -> ApiKeyWi
 
 
 @router.get("", response_model=ListObject[ApiKeyObject])
-def list_keys(
-    session: SessionDep,
-    _: AdminDep,
+async def list_keys(
+    read: AdminReadDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     project: Annotated[str | None, Query(description="Only the keys of the project of this name.")] = None,
     scope: Literal["project", "admin"] | None = None,
 ) -> ListObject[ApiKeyObject]:
-    rows, has_more = keys.list_keys(session, after, limit, project, scope)
-    return ListObject.of([ApiKeyObject.from_row(k, p) for k, p in rows], has_more)
+    def run(session, _):
+        rows, has_more = keys.list_keys(session, after, limit, project, scope)
+        return ListObject.of([ApiKeyObject.from_row(k, p) for k, p in rows], has_more)
+
+    return await read(run)
 
 
 @router.get("/{key_id}", response_model=ApiKeyObject)
-def get_key(session: SessionDep, _: AdminDep, key_id: str) -> ApiKeyObject:
-    return ApiKeyObject.from_row(*keys.get(session, key_id))
+async def get_key(read: AdminReadDep, key_id: str) -> ApiKeyObject:
+    return await read(lambda session, _: ApiKeyObject.from_row(*keys.get(session, key_id)))
 
 
 @router.post("/{key_id}/revoke", response_model=ApiKeyObject)

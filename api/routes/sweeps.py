@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from api.content import file_content
-from api.deps import ProjectDep, SessionDep
+from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.sweeps import CreateSweep, SweepEventObject, SweepObject
 from api.services import idempotency, sweeps
@@ -34,17 +34,18 @@ def create_sweep(request: Request, session: SessionDep, project: ProjectDep, bod
 
 
 @router.get("", response_model=ListObject[SweepObject])
-def list_sweeps(
-    session: SessionDep, project: ProjectDep, after: str | None = None, limit: Limit = 20
-) -> ListObject[SweepObject]:
-    rows, has_more = sweeps.list_sweeps(session, project, after, limit)
-    children = sweeps.children_of(session, [r.id for r in rows])
-    return ListObject.of([SweepObject.from_row(r, children) for r in rows], has_more)
+async def list_sweeps(read: ProjectReadDep, after: str | None = None, limit: Limit = 20) -> ListObject[SweepObject]:
+    def run(session, project):
+        rows, has_more = sweeps.list_sweeps(session, project, after, limit)
+        children = sweeps.children_of(session, [r.id for r in rows])
+        return ListObject.of([SweepObject.from_row(r, children) for r in rows], has_more)
+
+    return await read(run)
 
 
 @router.get("/{sweep_id}", response_model=SweepObject)
-def get_sweep(session: SessionDep, project: ProjectDep, sweep_id: str) -> SweepObject:
-    return _object(session, sweeps.get(session, project, sweep_id))
+async def get_sweep(read: ProjectReadDep, sweep_id: str) -> SweepObject:
+    return await read(lambda session, project: _object(session, sweeps.get(session, project, sweep_id)))
 
 
 @router.post("/{sweep_id}/cancel", response_model=SweepObject)
@@ -53,11 +54,14 @@ def cancel_sweep(session: SessionDep, project: ProjectDep, sweep_id: str) -> Swe
 
 
 @router.get("/{sweep_id}/events", response_model=ListObject[SweepEventObject])
-def list_events(
-    session: SessionDep, project: ProjectDep, sweep_id: str, after: str | None = None, limit: Limit = 20
+async def list_events(
+    read: ProjectReadDep, sweep_id: str, after: str | None = None, limit: Limit = 20
 ) -> ListObject[SweepEventObject]:
-    rows, has_more = sweeps.list_events(session, project, sweep_id, after, limit)
-    return ListObject.of([SweepEventObject.from_row(r) for r in rows], has_more)
+    def run(session, project):
+        rows, has_more = sweeps.list_events(session, project, sweep_id, after, limit)
+        return ListObject.of([SweepEventObject.from_row(r) for r in rows], has_more)
+
+    return await read(run)
 
 
 @router.get("/{sweep_id}/report", response_class=FileResponse)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import ProjectDep, SessionDep
+from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.webhooks import (
     CreateWebhookEndpoint,
@@ -40,16 +40,21 @@ def create_endpoint(
 
 
 @router.get("/webhook_endpoints", response_model=ListObject[WebhookEndpointObject])
-def list_endpoints(
-    session: SessionDep, project: ProjectDep, after: str | None = None, limit: Limit = 20
+async def list_endpoints(
+    read: ProjectReadDep, after: str | None = None, limit: Limit = 20
 ) -> ListObject[WebhookEndpointObject]:
-    rows, has_more = service.list_endpoints(session, project, after, limit)
-    return ListObject.of([WebhookEndpointObject.from_row(r) for r in rows], has_more)
+    def run(session, project):
+        rows, has_more = service.list_endpoints(session, project, after, limit)
+        return ListObject.of([WebhookEndpointObject.from_row(r) for r in rows], has_more)
+
+    return await read(run)
 
 
 @router.get("/webhook_endpoints/{webhook_endpoint_id}", response_model=WebhookEndpointObject)
-def get_endpoint(session: SessionDep, project: ProjectDep, webhook_endpoint_id: str) -> WebhookEndpointObject:
-    return WebhookEndpointObject.from_row(service.get(session, project, webhook_endpoint_id))
+async def get_endpoint(read: ProjectReadDep, webhook_endpoint_id: str) -> WebhookEndpointObject:
+    return await read(
+        lambda session, project: WebhookEndpointObject.from_row(service.get(session, project, webhook_endpoint_id))
+    )
 
 
 @router.post("/webhook_endpoints/{webhook_endpoint_id}", response_model=WebhookEndpointObject)
@@ -84,8 +89,11 @@ def test_endpoint(
 
 
 @router.get("/webhook_endpoints/{webhook_endpoint_id}/deliveries", response_model=ListObject[WebhookDeliveryObject])
-def list_deliveries(
-    session: SessionDep, project: ProjectDep, webhook_endpoint_id: str, after: str | None = None, limit: Limit = 20
+async def list_deliveries(
+    read: ProjectReadDep, webhook_endpoint_id: str, after: str | None = None, limit: Limit = 20
 ) -> ListObject[WebhookDeliveryObject]:
-    rows, has_more = service.list_deliveries(session, project, webhook_endpoint_id, after, limit)
-    return ListObject.of([WebhookDeliveryObject.from_row(d, e) for d, e in rows], has_more)
+    def run(session, project):
+        rows, has_more = service.list_deliveries(session, project, webhook_endpoint_id, after, limit)
+        return ListObject.of([WebhookDeliveryObject.from_row(d, e) for d, e in rows], has_more)
+
+    return await read(run)

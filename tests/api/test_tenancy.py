@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 from fastapi.routing import APIRoute, iter_route_contexts
 
-from api.deps import get_admin_key, get_project
+from api.deps import admin_read, get_admin_key, get_project, project_read
 from tests.conftest import emotion_rows, new_key
 
 TEMPLATE = "{text} -> {label}"
@@ -120,7 +120,9 @@ def _auth_of(route) -> str | None:
         dependant = stack.pop()
         found |= {dependant.call}
         stack.extend(dependant.dependencies)
-    return "project" if get_project in found else "admin" if get_admin_key in found else None
+    if found & {get_project, project_read}:
+        return "project"
+    return "admin" if found & {get_admin_key, admin_read} else None
 
 
 def app_routes(app) -> list[Route]:
