@@ -5,24 +5,28 @@ what it reaches: a project key its own project's resources (`ProjectDep`), an ad
 routes (`AdminDep`); each gets 403 on the other's routes.
 
 JSON reads (the GET routes that answer from the database: objects, lists, events) take `ProjectReadDep` or
-`AdminReadDep` instead: the route is `async` and awaits `read(lambda session, project: ...)`, which opens the
-session, checks the key, runs the read and commits in ONE thread-pool call. Each sync dependency and a sync
-route is a hand-off between the event loop and the thread pool, and on status polling those hand-offs, not
-the database, were the cost (docs/RELIABILITY.md, Load). The checks and their errors are the same as with
-`SessionDep` + `ProjectDep`; a missing key is still refused before the route's parameters are read.
+`AdminReadDep` instead: the route is `async` and awaits `read(lambda session, project: ...)`, which opens a
+read-only autocommit session (models/db.py, `get_read_sessionmaker`), checks the key, runs the read and
+serializes the answer in ONE thread-pool call. Each sync dependency and a sync route is a hand-off between
+the event loop and the thread pool, and each BEGIN, COMMIT and ping a round trip to the database; on status
+polling those, not the queries, were the cost (docs/RELIABILITY.md, Load). The checks and their errors are
+the same as with `SessionDep` + `ProjectDep`; a missing key is still refused before the route's parameters
+are read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Generic, NamedTuple, TypeVar
 
-from fastapi import Depends, Request
-from sqlalchemy import select
+from fastapi import Depends, Request, Response
+from pydantic import BaseModel
+from sqlalchemy import bindparam, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from models.db import session_scope
+from models.db import get_read_sessionmaker, session_scope
 from models.errors import PermissionDenied, Unauthorized
 from models.project import ADMIN_SCOPE, PROJECT_SCOPE, ApiKey, Project, hash_key
 
@@ -44,56 +48,92 @@ def bearer_key(request: Request) -> str:
     return key.strip()
 
 
-def _caller(request: Request, session: Session) -> tuple[ApiKey, Project | None]:
-    found = session.execute(
-        select(ApiKey, Project)
-        .outerjoin(Project, Project.id == ApiKey.project_id)
-        .where(ApiKey.key_hash == hash_key(bearer_key(request)), ApiKey.revoked_at.is_(None))
-    ).first()
+class Caller(NamedTuple):
+    key_id: str
+    scope: str
+    project: Project | None
+
+
+# Built once: the statement and its cache key are not rebuilt on every request.
+_KEY_LOOKUP = (
+    select(ApiKey.id, ApiKey.scope, Project.id, Project.name, Project.created_at)
+    .outerjoin(Project, Project.id == ApiKey.project_id)
+    .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+)
+
+
+def _caller(request: Request, session: Session) -> Caller:
+    found = session.execute(_KEY_LOOKUP, {"key_hash": hash_key(bearer_key(request))}).first()
     if found is None:
         raise Unauthorized("Incorrect API key provided.")
-    return found[0], found[1]
+    key_id, scope, project_id, name, created_at = found
+    # The project as a plain (untracked) copy of its row: services read its id; loading it as an ORM entity
+    # cost a third of a status poll's time.
+    project = Project(id=project_id, name=name, created_at=created_at) if project_id else None
+    return Caller(key_id, scope, project)
 
 
 def get_project(request: Request, session: SessionDep) -> Project:
-    key, project = _caller(request, session)
-    if key.scope != PROJECT_SCOPE or project is None:
+    caller = _caller(request, session)
+    if caller.scope != PROJECT_SCOPE or caller.project is None:
         raise PermissionDenied(
             "This is an admin key: it manages API keys (/v1/admin/keys) and nothing else. "
             "Use a project key for files, jobs and the other resources."
         )
-    return project
+    return caller.project
 
 
-def get_admin_key(request: Request, session: SessionDep) -> ApiKey:
-    key, _ = _caller(request, session)
-    if key.scope != ADMIN_SCOPE:
+def get_admin_key(request: Request, session: SessionDep) -> Caller:
+    caller = _caller(request, session)
+    if caller.scope != ADMIN_SCOPE:
         raise PermissionDenied(
             "Managing API keys needs an admin key (grove keys create --admin); this key belongs to a project."
         )
-    return key
+    return caller
 
 
 ProjectDep = Annotated[Project, Depends(get_project)]
-AdminDep = Annotated[ApiKey, Depends(get_admin_key)]
+AdminDep = Annotated[Caller, Depends(get_admin_key)]
 
 
 T = TypeVar("T")
 C = TypeVar("C")
 
 
+class JSONBody(Response):
+    media_type = "application/json"
+
+
 class Read(Generic[C]):
-    """A read in one thread-pool call: `await read(fn)` returns fn(session, caller) after the commit."""
+    """A read in one thread-pool call: `await read(fn)` answers fn(session, caller).
+
+    A pydantic answer is rendered here by pydantic-core (the route's response_model still documents it):
+    FastAPI would validate it against that model again and encode it twice, on the event loop. Anything
+    else (a streaming response) is returned as it is.
+    """
 
     def __init__(self, request: Request, caller: Callable[[Request, Session], C]):
         self.request = request
         self.caller = caller
 
-    async def __call__(self, fn: Callable[[Session, C], T]) -> T:
+    async def __call__(self, fn: Callable[[Session, C], T]) -> T | Response:
         return await run_in_threadpool(self._run, fn)
 
-    def _run(self, fn: Callable[[Session, C], T]) -> T:
-        with session_scope() as session:
+    def _run(self, fn: Callable[[Session, C], T]) -> T | Response:
+        try:
+            answer = self._read(fn)
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+            # A pooled connection the database dropped (a restart): SQLAlchemy has discarded the pool's
+            # connections; a read is safe to run again on a new one. Down for good: this one raises (503).
+            answer = self._read(fn)
+        if isinstance(answer, BaseModel):
+            return JSONBody(answer.model_dump_json(by_alias=True))
+        return answer
+
+    def _read(self, fn: Callable[[Session, C], T]) -> T:
+        with get_read_sessionmaker()() as session:
             return fn(session, self.caller(self.request, session))
 
 
@@ -103,10 +143,10 @@ async def project_read(request: Request) -> Read[Project]:
     return Read(request, get_project)
 
 
-async def admin_read(request: Request) -> Read[ApiKey]:
+async def admin_read(request: Request) -> Read[Caller]:
     bearer_key(request)
     return Read(request, get_admin_key)
 
 
 ProjectReadDep = Annotated[Read[Project], Depends(project_read)]
-AdminReadDep = Annotated[Read[ApiKey], Depends(admin_read)]
+AdminReadDep = Annotated[Read[Caller], Depends(admin_read)]

@@ -51,6 +51,33 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
 
 
+def build_read_engine(url: str) -> Engine:
+    """PostgreSQL connections for the API's JSON reads: autocommit, read-only, no ping on checkout.
+
+    A status poll is one or two SELECTs. On the main engine each also paid a ping, a BEGIN and a COMMIT:
+    five round trips of which three carried nothing, the larger part of the request's cost
+    (docs/RELIABILITY.md, Load). Here every statement is its own read-only transaction, so a read never
+    holds a transaction open and cannot write by mistake (PostgreSQL refuses it). Without the ping a
+    connection broken by a database restart fails once; `api.deps.Read` then retries on a fresh one.
+    """
+    return create_engine(
+        url,
+        isolation_level="AUTOCOMMIT",
+        # The name tells these connections apart in pg_stat_activity.
+        connect_args={"options": "-c default_transaction_read_only=on", "application_name": "grove-api-read"},
+        pool_size=10,
+        max_overflow=20,
+    )
+
+
+@lru_cache
+def get_read_sessionmaker() -> sessionmaker[Session]:
+    url = get_settings().database_url
+    if url.startswith("sqlite"):  # the embedded deployment: one file, the main engine is as cheap
+        return get_sessionmaker()
+    return sessionmaker(build_read_engine(url), expire_on_commit=False)
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """One unit of work for the worker and scripts: commit on success, roll back on error."""

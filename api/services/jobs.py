@@ -6,7 +6,7 @@ is only ever found through its own resource path.
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from api.services.pagination import page
@@ -45,8 +45,15 @@ def check_room(session: Session, project: Project) -> None:
         )
 
 
+# Built once: this is the status poll's query, and building a statement and its cache key on every call is
+# a measurable part of a poll.
+_GET_JOB = select(Job).where(
+    Job.id == bindparam("job_id"), Job.project_id == bindparam("project_id"), Job.kind == bindparam("kind")
+)
+
+
 def get(session: Session, project: Project, job_id: str, kind: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project.id, Job.kind == kind))
+    job = session.scalar(_GET_JOB, {"job_id": job_id, "project_id": project.id, "kind": kind})
     if job is None:
         name, param = KIND_NAMES.get(kind, (f"{kind} job", "job_id"))
         raise NotFound(name, job_id, param=param)

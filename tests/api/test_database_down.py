@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import REPO, free_port
 
@@ -42,3 +43,36 @@ def test_database_down_gives_503(tmp_path):
     finally:
         api.terminate()
         api.wait(timeout=10)
+
+
+def test_a_read_whose_connection_the_database_dropped_is_answered(client, auth):
+    """A status poll on a pooled connection that a database restart killed gets its answer, not a 503: the
+    read pool has no ping on checkout (models/db.py), so the read runs again on a new connection."""
+    from sqlalchemy import text
+
+    from models.db import get_engine
+
+    assert client.get("/v1/files", headers=auth).status_code == 200  # leaves a connection in the read pool
+    with get_engine().connect() as connection:
+        killed = connection.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'grove-api-read' AND datname = current_database()"
+            )
+        ).scalar()
+    assert killed >= 1
+
+    response = client.get("/v1/files", headers=auth)
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "list"
+
+
+def test_a_read_cannot_write(client, auth):
+    """Reads run in read-only transactions: a read route that wrote by mistake would fail, not commit."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import InternalError
+
+    from models.db import get_read_sessionmaker
+
+    with get_read_sessionmaker()() as session, pytest.raises(InternalError, match="read-only transaction"):
+        session.execute(text("CREATE TABLE read_pool_wrote_this (id int)"))
