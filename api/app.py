@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.deps import read_limiter
 from api.errors import error_response, install_error_handlers
 from api.limits import RequestLimits
 from api.observability import RequestObservability
@@ -59,7 +60,8 @@ class UploadLimit:
 
 
 @asynccontextmanager
-async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.read_limiter = read_limiter()
     reconciler = ReconcilerThread() if get_settings().run_reconciler else None
     if reconciler:
         reconciler.start()

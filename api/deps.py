@@ -19,13 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Annotated, Generic, NamedTuple, TypeVar
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
+from models.config import get_settings
 from models.db import get_read_sessionmaker, session_scope
 from models.errors import PermissionDenied, Unauthorized
 from models.project import ADMIN_SCOPE, PROJECT_SCOPE, ApiKey, Project, hash_key
@@ -104,6 +106,13 @@ class JSONBody(Response):
     media_type = "application/json"
 
 
+def read_limiter() -> CapacityLimiter:
+    """The threads reads run on (GROVE_API_READ_THREADS), apart from the sync routes' pool (anyio's default,
+    40 threads): a few threads keep the cores busy; dozens only take turns at the GIL and stretch every
+    read's latency. Made by the app's lifespan, on the loop that uses it (api/app.py)."""
+    return CapacityLimiter(get_settings().api_read_threads)
+
+
 class Read(Generic[C]):
     """A read in one thread-pool call: `await read(fn)` answers fn(session, caller).
 
@@ -117,7 +126,11 @@ class Read(Generic[C]):
         self.caller = caller
 
     async def __call__(self, fn: Callable[[Session, C], T]) -> T | Response:
-        return await run_in_threadpool(self._run, fn)
+        state = self.request.app.state
+        limiter = getattr(state, "read_limiter", None)
+        if limiter is None:  # an app run without its lifespan (a TestClient used outside `with`)
+            limiter = state.read_limiter = read_limiter()
+        return await anyio.to_thread.run_sync(self._run, fn, limiter=limiter)
 
     def _run(self, fn: Callable[[Session, C], T]) -> T | Response:
         try:

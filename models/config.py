@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest request body of any route but the upload (JSON job specs and the like); larger gets 413.",
     )
+    api_read_threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Threads per API process that run JSON reads (status polls, lists, events). More threads "
+        "than this only queue behind Python's GIL: on two cores 2 gave 1.3x the requests/s of 40 and a quarter "
+        "of the p99 (docs/RELIABILITY.md, Load). Raise it when the database is far (each read waits a round trip).",
+    )
     rate_limit: str | None = Field(
         None,
         description="Requests each API key may make, in the limits library's notation ('100/second', "
