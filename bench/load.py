@@ -2,7 +2,9 @@
 
 Usage: make bench-load   (needs wrk and nginx: `apt-get install wrk nginx-light`)
 
-1. GET /v1/fine_tuning/jobs/{id} at steady state: requests/s, p50 and p99 (wrk, 10 s, 16 connections);
+1. GET /v1/fine_tuning/jobs/{id} at steady state: requests/s, p50 and p99 (wrk, 10 s, 16 connections), three
+   runs; beside wrk's latency (client side), the API's own request-duration histogram (server side, from
+   /metrics), which tells a slow answer from a request that waited outside the app (socket, scheduler, wrk);
 2. POST /v1/fine_tuning/jobs: requests/s (wrk with a Lua body; the jobs go to a queue nobody consumes);
 3. download of a 500 MB file through the API against nginx serving the same file on loopback, same run.
 """
@@ -35,6 +37,7 @@ ENV = os.environ | {
     "GROVE_FINE_TUNE_QUEUE": QUEUE,
     "GROVE_RUN_RECONCILER": "false",
     "GROVE_MAX_QUEUED_JOBS_PER_PROJECT": "1000000",
+    "PROMETHEUS_MULTIPROC_DIR": str(TMP / "prometheus"),  # /metrics sums both API processes
 }
 os.environ.update(ENV)
 BIN = Path(sys.executable).parent
@@ -75,6 +78,22 @@ def wrk(url: str, key: str, script: Path | None = None) -> dict:
     }
 
 
+def server_latency(base: str, route: str) -> str:
+    """Share of the route's answers slower than 25/50/100 ms, from the API's histogram (since it started)."""
+    text = httpx.get(f"{base}/metrics").text
+    pattern = (
+        r'grove_http_request_duration_seconds_bucket\{le="([^"]+)",method="GET",'
+        rf'route="{re.escape(route)}",status="200"\}} ([0-9.e+]+)'
+    )
+    buckets = {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text)}
+    total = buckets.get("+Inf", 0.0)
+    if not total:
+        return "no samples"
+    slower = {le: 100 * (total - buckets[le]) / total for le in ("0.025", "0.05", "0.1") if le in buckets}
+    shares = ", ".join(f"{float(le) * 1000:.0f} ms+ {share:.2f} %" for le, share in slower.items())
+    return f"{total:.0f} answers, {shares}"
+
+
 def download_speed(url: str, headers: list[str]) -> float:
     best = 0.0
     for _ in range(3):
@@ -108,11 +127,16 @@ def main() -> None:
             project_id = project.id
 
         port = free_port()
+        (TMP / "prometheus").mkdir()
+        # The access log (one JSON line a request) goes to a file, as a deployment's log collector takes it.
+        api_log = (TMP / "api.log").open("w")
         processes.append(
             subprocess.Popen(
                 [str(BIN / "uvicorn"), "api.main:app", "--port", str(port), "--workers", "2", "--log-level", "warning"],
                 cwd=REPO,
                 env=ENV,
+                stdout=api_log,
+                stderr=subprocess.STDOUT,
             )
         )
         base = f"http://127.0.0.1:{port}"
@@ -132,7 +156,8 @@ def main() -> None:
             f"{base}/v1/fine_tuning/jobs", headers=auth | {"Content-Type": "application/json"}, content=body
         ).json()["id"]
 
-        get_job = wrk(f"{base}/v1/fine_tuning/jobs/{job_id}", key)
+        get_runs = [wrk(f"{base}/v1/fine_tuning/jobs/{job_id}", key) for _ in range(3)]
+        get_server = server_latency(base, "/v1/fine_tuning/jobs/{job_id}")
         script = TMP / "create.lua"
         script.write_text(
             f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [[{body}]]\n'
@@ -177,10 +202,12 @@ def main() -> None:
         rss = subprocess.run(
             ["ps", "-o", "rss=", "--ppid", str(processes[0].pid)], capture_output=True, text=True
         ).stdout.split()
-        print(
-            f"GET job: {get_job['rps']:.0f} req/s, p50 {get_job['p50']}, p99 {get_job['p99']}, "
-            f"non-2xx {get_job['errors']}"
-        )
+        for i, get_job in enumerate(get_runs, 1):
+            print(
+                f"GET job, run {i}: {get_job['rps']:.0f} req/s, p50 {get_job['p50']}, p99 {get_job['p99']}, "
+                f"non-2xx {get_job['errors']}"
+            )
+        print(f"GET job, the API's own durations over the three runs: {get_server}")
         print(
             f"POST job: {create['rps']:.0f} req/s, p50 {create['p50']}, p99 {create['p99']}, non-2xx {create['errors']}"
         )
