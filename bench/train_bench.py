@@ -4,7 +4,9 @@
    reuses the project's torch/transformers/peft through a .pth file, pip adds Olive and what else it needs),
    run offline on the local model directory with `-d json --data_files`;
 2. bench/train_trainer.py: transformers Trainer + peft, fp32, padded batches, loss on every token;
-3. a Grove job submitted through the HTTP API of a freshly started API + worker (SQLite, empty token cache).
+3. Grove jobs submitted through the HTTP API of a freshly started API + worker (SQLite, empty token cache):
+   bf16, then compiled with a cold and a warm compile cache; then bf16 plain and compiled with batch_size 36,
+   which is Olive's tokens per optimizer step (its batch of 8 is 8 chunks of 128 tokens of joined rows).
 
 Settings: smollm2-135m-instruct, the first 2,000 rows of ../shared/data/emotion/train.jsonl rendered as
 "Text: {text}\\nEmotion: {label}", LoRA r=16, alpha=32 on q/k/v/o, one epoch, batch 8, lr 5e-4, max_seq_len 128.
@@ -45,10 +47,14 @@ LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
 SETTINGS = {"r": 16, "alpha": 32, "modules": "q_proj,k_proj,v_proj,o_proj", "epochs": 1, "batch": 8, "lr": 5e-4}
 MAX_SEQ_LEN = 128
 # bf16 on CPU, then compiled twice: the first compile fills the cache, the second job finds it warm.
+# Then the same with Olive's tokens per optimizer step: its batch of 8 is 8 chunks of 128 tokens, about 36 rows.
+OLIVE_STEP_ROWS = {"hyperparameters": {"n_epochs": 1, "batch_size": 36}}
 DEFAULT_GROVE_RUNS = [
     {"mixed_precision": "bf16"},
     {"mixed_precision": "bf16", "compile": True},
     {"mixed_precision": "bf16", "compile": True},
+    {"mixed_precision": "bf16"} | OLIVE_STEP_ROWS,
+    {"mixed_precision": "bf16", "compile": True} | OLIVE_STEP_ROWS,
 ]
 VAL_ROWS = 500
 
@@ -169,10 +175,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_grove(train: Path, valid: Path, extra: dict) -> dict:
+def run_grove(train: Path, valid: Path, extra: dict, number: int) -> dict:
     import httpx
 
-    root = OUT / "grove"
+    # One directory per run: the adapters are scored after the last run, each must still be there.
+    root = OUT / f"grove-{number}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     env = os.environ | {
@@ -402,8 +409,8 @@ def main() -> None:
     if "grove" in runs:
         shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
         extras = json.loads(args.grove)
-        for extra in extras if isinstance(extras, list) else [extras]:
-            results.append(run_grove(train, valid, extra))
+        for number, extra in enumerate(extras if isinstance(extras, list) else [extras], 1):
+            results.append(run_grove(train, valid, extra, number))
     log("scoring the adapters")
     base = score(None, valid)
     for r in results:
