@@ -7,7 +7,7 @@ PORT ?= 8000
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-export bench-eval bench-reference bench-ecosystem bench-sweep bench-train bench-limits chaos fuzz clean
+.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-load-ab bench-export bench-eval bench-reference bench-ecosystem bench-sweep bench-train bench-limits chaos fuzz clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -83,6 +83,10 @@ bench-pagination: install
 # Requests/s and latency of GET and POST jobs (wrk), and a 500 MB download against nginx (same run).
 bench-load: install
 	$(PY) bench/load.py
+
+# Interleaved A/B of status polling between two trees or settings: make bench-load-ab A=/tmp/old B=. [ROUNDS=4]
+bench-load-ab: install test-models
+	$(PY) bench/load_ab.py "$(A)" "$(B)" --rounds $(or $(ROUNDS),4)
 
 # Latency of status polling without and with the per-key rate limit (Redis), for docs/RELIABILITY.md (Security).
 bench-limits: install
