@@ -104,10 +104,6 @@ T = TypeVar("T")
 C = TypeVar("C")
 
 
-class JSONBody(Response):
-    media_type = "application/json"
-
-
 def read_limiter() -> CapacityLimiter:
     """The threads reads run on (GROVE_API_READ_THREADS), apart from the sync routes' pool (anyio's default,
     40 threads): a few threads keep the cores busy; dozens only take turns at the GIL and stretch every
@@ -144,7 +140,7 @@ class Read(Generic[C]):
             # connections; a read is safe to run again on a new one. Down for good: this one raises (503).
             answer = self._read(fn)
         if isinstance(answer, BaseModel):
-            return JSONBody(answer.model_dump_json(by_alias=True))
+            return Response(answer.model_dump_json(by_alias=True), media_type="application/json")
         return answer
 
     def _read(self, fn: Callable[[Session, C], T]) -> T:

@@ -23,6 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
+import api_latency  # bench/api_latency.py, beside this script
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,22 +78,6 @@ def wrk(url: str, key: str, script: Path | None = None) -> dict:
         "p99": latency("99"),
         "errors": int(non_2xx.group(1)) if non_2xx else 0,
     }
-
-
-def server_latency(base: str, route: str) -> str:
-    """Share of the route's answers slower than 25/50/100 ms, from the API's histogram (since it started)."""
-    text = httpx.get(f"{base}/metrics").text
-    pattern = (
-        r'grove_http_request_duration_seconds_bucket\{le="([^"]+)",method="GET",'
-        rf'route="{re.escape(route)}",status="200"\}} ([0-9.e+]+)'
-    )
-    buckets = {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text)}
-    total = buckets.get("+Inf", 0.0)
-    if not total:
-        return "no samples"
-    slower = {le: 100 * (total - buckets[le]) / total for le in ("0.025", "0.05", "0.1") if le in buckets}
-    shares = ", ".join(f"{float(le) * 1000:.0f} ms+ {share:.2f} %" for le, share in slower.items())
-    return f"{total:.0f} answers, {shares}"
 
 
 def worker_rss_kb(parent_pid: int) -> list[int]:
@@ -190,7 +175,7 @@ def main() -> None:
         ).json()["id"]
 
         get_runs = [wrk(f"{base}/v1/fine_tuning/jobs/{job_id}", key) for _ in range(3)]
-        get_server = server_latency(base, "/v1/fine_tuning/jobs/{job_id}")
+        get_server = api_latency.describe(base, "/v1/fine_tuning/jobs/{job_id}")
         script = TMP / "create.lua"
         script.write_text(
             f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [[{body}]]\n'

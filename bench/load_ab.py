@@ -25,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
+import api_latency  # bench/api_latency.py, beside this script
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,17 +83,6 @@ def serve(side: str, log) -> subprocess.Popen:
     raise SystemExit(f"{side}: the API did not start (see {TMP}/api.log)")
 
 
-def server_share_over_50ms() -> str:
-    text = httpx.get(f"http://127.0.0.1:{PORT}/metrics").text
-    pattern = (
-        r'grove_http_request_duration_seconds_bucket\{le="([^"]+)",method="GET",'
-        rf'route="{re.escape(ROUTE)}",status="200"\}} ([0-9.e+]+)'
-    )
-    buckets = {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text)}
-    total = buckets.get("+Inf", 0.0)
-    return f"{100 * (total - buckets['0.05']) / total:.2f} %" if total and "0.05" in buckets else "n/a"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("a")
@@ -143,7 +133,7 @@ def main() -> None:
                     tail = re.search(r"LATENCY (.*)", out).group(1)
                     print(
                         f"{name} {sides[name]}: {rps[name][-1]:.0f} req/s, p50 {p50}, {tail}; "
-                        f"the API's own answers over 50 ms: {server_share_over_50ms()}",
+                        f"the API's own answers: {api_latency.describe(base, ROUTE, (0.05,))}",
                         flush=True,
                     )
                 finally:

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="Threads per API process that run JSON reads (status polls, lists, events). More threads "
-        "than this only queue behind Python's GIL: on two cores 2 gave 1.3x the requests/s of 40 and a quarter "
+        "than this only queue behind Python's GIL: on two cores 2 gave 1.09x the requests/s of 40 and a quarter "
         "of the p99 (docs/RELIABILITY.md, Load). Raise it when the database is far (each read waits a round trip).",
     )
     rate_limit: str | None = Field(
