@@ -41,12 +41,7 @@ def classify_failure(exc: BaseException) -> dict:
             "param": None,
             "type": "system_error",
         }
-    if (
-        isinstance(exc, MemoryError)
-        or exc.__class__.__name__ == "OutOfMemoryError"
-        # torch's CPU allocator reports a failed allocation as a RuntimeError.
-        or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
-    ):
+    if _is_out_of_memory(exc):
         return {
             "code": "out_of_memory",
             "message": f"The worker ran out of memory: {exc}",
@@ -59,6 +54,19 @@ def classify_failure(exc: BaseException) -> dict:
         "param": None,
         "type": "system_error",
     }
+
+
+# How a failed allocation surfaces besides MemoryError: torch's CPU allocator and C++ kernels (std::bad_alloc) raise
+# RuntimeError; a syscall whose kernel memory a cgroup limit refuses (mmap, open, a socket) raises OSError(ENOMEM).
+_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "not enough memory", "out of memory", "bad_alloc")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or exc.__class__.__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OUT_OF_MEMORY_TEXTS)
 
 
 def run_job(job_id: str, kind: str) -> str:

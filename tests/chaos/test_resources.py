@@ -104,8 +104,9 @@ def long_rows(n: int) -> bytes:
 
 
 def test_worker_killed_for_memory_fails_the_job_and_takes_the_next(memory_cgroup, private_redis, tiny_model):
-    """The kernel OOM-kills the worker's pool process on every attempt: after `max_attempts` the job fails
-    with `worker_lost` instead of looping, its scratch directory goes, and the worker runs the next job."""
+    """The worker runs out of memory on every attempt: after `max_attempts` OOM kills the job fails with
+    `worker_lost` instead of looping (or at once with `out_of_memory` where an allocation is refused), its scratch
+    directory goes, and the worker runs the next job."""
     work_dir = Path(tempfile.mkdtemp(prefix="grove-oom-work-"))
     stack = Stack(
         f"oom-{uuid.uuid4().hex[:6]}",
@@ -127,7 +128,7 @@ def test_worker_killed_for_memory_fails_the_job_and_takes_the_next(memory_cgroup
         move_process_group(stack.worker.pid, memory_cgroup)
         with client_for(stack, new_key()) as http:
             heavy_file = upload(http, long_rows(16)).json()["id"]
-            # 16 rows of ~2,000 tokens in one micro-batch: gigabytes of logits over a 49k vocabulary.
+            # 16 rows of ~2,000 tokens in one micro-batch need more than the 1.5 GiB limit (failcnt below proves it).
             heavy = SPEC | {"training_file": heavy_file, "max_steps": 2, "max_seq_len": 2048}
             heavy |= {"hyperparameters": {"batch_size": 16}, "gradient_accumulation_steps": 1}
             created = http.post("/v1/fine_tuning/jobs", json=heavy)
@@ -135,9 +136,15 @@ def test_worker_killed_for_memory_fails_the_job_and_takes_the_next(memory_cgroup
             first = created.json()["id"]
             job = wait_all(http, [first], timeout=300)[first]
             assert job["status"] == "failed", job
-            assert job["error"]["code"] == "worker_lost" and job["error"]["type"] == "system_error"
+            # Two honest outcomes: the kernel kills the pool process (each attempt, until the reconciler gives up),
+            # or the limit refuses an allocation inside a call (a syscall's kernel memory, a C++ kernel's
+            # buffer) and the stage fails at once. Anything else is a misclassified failure.
+            worker_log = (stack.logs / "worker.log").read_text(errors="replace")[-6000:]
+            assert job["error"]["type"] == "system_error", (job["error"], worker_log)
+            assert job["error"]["code"] in {"worker_lost", "out_of_memory"}, (job["error"], worker_log)
             assert "memory" in job["error"]["message"]
-            assert event_types(http, first).count("started") == 3
+            expected_starts = 3 if job["error"]["code"] == "worker_lost" else 1
+            assert event_types(http, first).count("started") == expected_starts
             assert int((memory_cgroup / "memory.failcnt").read_text()) > 0
 
             small_file = upload(http, dataset(10)).json()["id"]
