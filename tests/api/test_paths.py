@@ -182,7 +182,8 @@ def test_uploaded_file_names_are_display_names_only(client, auth, given, shown):
     # project are left out, and no new path anywhere may carry the name the client gave.
     created = {p for p in TMP.rglob("*")} - before
     objects = stored.parent.parent
-    others = [get_settings().work_dir.resolve(), get_settings().storage_dir.resolve() / "tmp"]
+    settings = get_settings()
+    others = [settings.work_dir.resolve(), settings.storage_dir.resolve() / "tmp"]
     ours = {
         p
         for p in created
