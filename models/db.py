@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import models.tables  # noqa: F401  (every table mapped before a session resolves foreign keys)
@@ -39,6 +40,27 @@ def build_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+# SQLSTATEs of a server that went away or is not taking connections yet: connection exceptions (class 08),
+# admin_shutdown, crash_shutdown, cannot_connect_now. A query cancelled by a timeout (57014) is not one of them.
+_UNREACHABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """The database was down or dropped the connection: worth waiting out, unlike a bad statement."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    sqlite_error = getattr(exc.orig, "sqlite_errorname", None)
+    if sqlite_error is not None:  # SQLite's OperationalError also means "no such table": only a lock is passing
+        return sqlite_error in ("SQLITE_BUSY", "SQLITE_LOCKED")
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    # psycopg gives a failed connect no SQLSTATE: the server never answered.
+    return sqlstate is None or sqlstate.startswith(_UNREACHABLE_SQLSTATES)
 
 
 @lru_cache

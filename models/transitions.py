@@ -53,11 +53,14 @@ def switch_job_status(
     error: dict | None = None,
     message: str | None = None,
     data: dict | None = None,
+    refund_attempt: bool = False,
 ) -> bool:
     """Move a job to `to` if it is in an allowed source state; return whether this call moved it.
 
     `only_from` narrows the sources. `lease_owner` for `running` claims the lease; for any other
     target it requires that the caller still holds the lease (a worker that lost it changes nothing).
+    `refund_attempt` (back to `queued`) takes back the attempt its claim counted: the worker gave the job
+    back alive (the database went away under it), so it must not count toward `max_attempts`.
     """
     sources = set(sources_of(to))
     if only_from is not None:
@@ -82,6 +85,10 @@ def switch_job_status(
 
     if to == JobStatus.queued:
         values |= {"lease_owner": None, "lease_expires_at": None, "dispatched_at": None}
+        if refund_attempt:
+            if lease_owner is None:
+                raise ValueError("only the worker holding the lease can give its attempt back")
+            values["attempts"] = Job.attempts - 1  # the claim that counted it is the caller's own (lease_owner)
     if to.is_terminal:
         values |= {"finished_at": now, "lease_owner": None, "lease_expires_at": None}
         if to != JobStatus.succeeded:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 import traceback
 
-from models.db import session_scope
+from models.db import database_unreachable, session_scope
 from models.errors import GroveError
+from models.job import Job
 from models.job_status import JobStatus
-from models.queue import TASK_FOR_KIND, get_celery
+from models.queue import TASK_FOR_KIND, dispatch_after_commit, get_celery
 from models.transitions import switch_job_status
 from worker import evaluate, export, fine_tune
 from worker.lease import Lease, claim
@@ -83,11 +85,55 @@ def run_job(job_id: str, kind: str) -> str:
         STAGES[kind](job_id, lease)
         return "done"
     except Exception as exc:
+        if database_unreachable(exc):
+            # Not the job's fault, and no write can record a failure now: wait for the database and give
+            # the job back, to resume from its last checkpoint (issue 6: a database restart loses no job).
+            log.warning("job %s lost the database (%s); giving it back once it answers", job_id, exc)
+            return give_back(job_id, lease)
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         _fail(job_id, lease, classify_failure(exc))
         return "failed"
     finally:
         lease.stop()
+
+
+def give_back(job_id: str, lease: Lease, poll_seconds: float = 1.0) -> str:
+    """running -> queued (republished, its attempt refunded), or cancelling -> cancelled, once the database answers.
+
+    The wait is bounded by the lease: past it the lease has lapsed, and the reconciler requeues the job when the
+    database returns (that counts as an attempt, as for a worker that died).
+    """
+    deadline = time.monotonic() + lease.lease_seconds
+    while True:
+        try:
+            with session_scope() as session:
+                if switch_job_status(
+                    session,
+                    job_id,
+                    JobStatus.queued,
+                    only_from={JobStatus.running},
+                    lease_owner=lease.owner,
+                    refund_attempt=True,
+                    message="The worker lost its database connection; job requeued to resume from its last checkpoint.",
+                ):
+                    job = session.get(Job, job_id)
+                    dispatch_after_commit(session, job_id, job.kind, job.queue)
+                    return "requeued"
+                if switch_job_status(
+                    session,
+                    job_id,
+                    JobStatus.cancelled,
+                    only_from={JobStatus.cancelling},
+                    lease_owner=lease.owner,
+                    message="Job cancelled; its worker lost the database connection while stopping.",
+                ):
+                    return "cancelled"
+                return "lease_lost"
+        except Exception as exc:
+            if not database_unreachable(exc) or time.monotonic() > deadline:
+                log.exception("giving job %s back failed; the reconciler requeues it when its lease expires", job_id)
+                return "abandoned"
+        time.sleep(poll_seconds)
 
 
 def _fail(job_id: str, lease: Lease, error: dict) -> None:

@@ -1,5 +1,6 @@
 """The database goes away and comes back: 503 (never 500) meanwhile, service within seconds after,
-and the running job still finishes (its worker keeps the lease, or gives the job back cleanly)."""
+and the training job still finishes: its worker, which reads the job's status at every step, waits for the
+database and gives the job back, and the job resumes and succeeds."""
 
 from __future__ import annotations
 
@@ -81,6 +82,11 @@ def private_postgres():
     server.destroy()
 
 
+def messages(http: httpx.Client, job_id: str) -> list[str]:
+    events = http.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
+    return [e["message"] for e in reversed(events)]
+
+
 def test_database_restart(private_postgres, private_redis, tiny_model):
     alembic("upgrade", "head", url=private_postgres.url)
     stack = Stack(
@@ -89,6 +95,7 @@ def test_database_restart(private_postgres, private_redis, tiny_model):
             "GROVE_DATABASE_URL": private_postgres.url,
             "GROVE_BROKER_URL": private_redis.url,
             "GROVE_FINE_TUNE_QUEUE": "pgrestart",
+            "GROVE_RUN_RECONCILER": "true",  # as in production: the API's reconciler republishes requeued jobs
             "GROVE_RECONCILE_INTERVAL_SECONDS": "1",
             "GROVE_LEASE_SECONDS": "30",
         },
@@ -108,9 +115,10 @@ def test_database_restart(private_postgres, private_redis, tiny_model):
             job_id = http.post("/v1/fine_tuning/jobs", json=SPEC | {"training_file": file_id, "max_steps": 200}).json()[
                 "id"
             ]
-            deadline = time.monotonic() + 60
-            while http.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != "running":
-                assert time.monotonic() < deadline
+            # Training has begun (the worker is past loading libraries and touches the database every step).
+            deadline = time.monotonic() + 120
+            while not any(m.startswith("Training on") for m in messages(http, job_id)):
+                assert time.monotonic() < deadline, (messages(http, job_id), stack.log("worker.log"))
                 time.sleep(0.2)
 
             private_postgres.stop()
@@ -126,8 +134,14 @@ def test_database_restart(private_postgres, private_redis, tiny_model):
                 assert time.monotonic() - back < 10, "the API did not recover within 10 s"
                 time.sleep(0.1)
             recovered_in = time.monotonic() - back
-            job = wait_all(http, [job_id], timeout=240)[job_id]
+            try:
+                job = wait_all(http, [job_id], timeout=240)[job_id]
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\nevents: {messages(http, job_id)}\n{stack.log('worker.log')}") from exc
             assert job["status"] == "succeeded", (job["error"], stack.log("worker.log"))
+            history = messages(http, job_id)
+            assert any("lost its database connection" in m for m in history), history
+            assert sum(m.startswith("Fine-tuning job started") for m in history) == 2, history
             print(f"database restart: API answering again {recovered_in:.2f} s after the database returned")
     finally:
         stack.stop()

@@ -1,4 +1,4 @@
-"""Fixtures for worker tests: a model store with the tiny test model prepared in it."""
+"""Fixtures for worker tests: a model store with the tiny test model prepared in it, a queued job, its queue."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import redis
 
+from models.config import get_settings
+from tests.api.test_files import jsonl, upload
+from tests.conftest import REDIS_URL, prompt_completion_rows
 from worker.prepare_models import ensure_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,3 +48,21 @@ def tiny_tokenizer(tiny_model_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True)
+
+
+@pytest.fixture
+def queue():
+    client = redis.Redis.from_url(REDIS_URL)
+    name = get_settings().fine_tune_queue
+    client.delete(name)
+    yield lambda: client.llen(name)
+    client.delete(name)
+
+
+@pytest.fixture
+def job_id(client, auth) -> str:
+    file_id = upload(client, auth, jsonl(prompt_completion_rows(10))).json()["id"]
+    response = client.post(
+        "/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-llama-test", "training_file": file_id}
+    )
+    return response.json()["id"]

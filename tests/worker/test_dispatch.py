@@ -3,7 +3,6 @@
 from datetime import timedelta
 
 import pytest
-import redis
 from sqlalchemy import select, update
 
 from models.base import utcnow
@@ -13,27 +12,9 @@ from models.job import Job, JobEvent
 from models.job_status import JobStatus
 from models.transitions import switch_job_status
 from tests.api.test_files import jsonl, upload
-from tests.conftest import REDIS_URL, prompt_completion_rows
+from tests.conftest import prompt_completion_rows
 from worker.lease import claim
 from worker.reconcile import reconcile_once
-
-
-@pytest.fixture
-def queue():
-    client = redis.Redis.from_url(REDIS_URL)
-    name = get_settings().fine_tune_queue
-    client.delete(name)
-    yield lambda: client.llen(name)
-    client.delete(name)
-
-
-@pytest.fixture
-def job_id(client, auth) -> str:
-    file_id = upload(client, auth, jsonl(prompt_completion_rows(10))).json()["id"]
-    response = client.post(
-        "/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-llama-test", "training_file": file_id}
-    )
-    return response.json()["id"]
 
 
 def events(job_id) -> list[str]:
