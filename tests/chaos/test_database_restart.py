@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.chaos.test_faults import SPEC, client_for, dataset, upload, wait_all
+from tests.chaos.test_faults import SPEC, TERMINAL, client_for, dataset, upload, wait_all
 from tests.conftest import REPO, Stack, alembic, free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -83,7 +83,7 @@ def private_postgres():
 
 
 def messages(http: httpx.Client, job_id: str) -> list[str]:
-    events = http.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
+    events = http.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=1000").json()["data"]
     return [e["message"] for e in reversed(events)]
 
 
@@ -115,11 +115,16 @@ def test_database_restart(private_postgres, private_redis, tiny_model):
             job_id = http.post("/v1/fine_tuning/jobs", json=SPEC | {"training_file": file_id, "max_steps": 200}).json()[
                 "id"
             ]
-            # Training has begun (the worker is past loading libraries and touches the database every step).
+            # Training has begun: total_steps is written as the loop starts, past loading the libraries and the
+            # model; from then on the worker reads the job at every step, so the outage is sure to reach it.
             deadline = time.monotonic() + 120
-            while not any(m.startswith("Training on") for m in messages(http, job_id)):
-                assert time.monotonic() < deadline, (messages(http, job_id), stack.log("worker.log"))
+            while True:
+                job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+                if job["progress"]["total_steps"] is not None or job["status"] in TERMINAL:
+                    break
+                assert time.monotonic() < deadline, (job, messages(http, job_id), stack.log("worker.log"))
                 time.sleep(0.2)
+            assert job["status"] == "running", (job, messages(http, job_id), stack.log("worker.log"))
 
             private_postgres.stop()
             down = [http.get(f"/v1/fine_tuning/jobs/{job_id}") for _ in range(3)]
