@@ -87,10 +87,10 @@ def claim(job_id: str) -> Lease | None:
     return Lease(job_id, owner, settings.lease_seconds)
 
 
-def confirm_cancelled(job_id: str, lease: Lease, message: str, data: dict | None = None) -> None:
+def confirm_cancelled(job_id: str, lease: Lease, message: str, data: dict | None = None) -> bool:
     """cancelling -> cancelled, once the stage has stopped; only while this worker still holds the lease."""
     with session_scope() as session:
-        switch_job_status(
+        return switch_job_status(
             session,
             job_id,
             JobStatus.cancelled,

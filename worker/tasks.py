@@ -18,7 +18,7 @@ from models.job_status import JobStatus
 from models.queue import TASK_FOR_KIND, dispatch_after_commit, get_celery
 from models.transitions import switch_job_status
 from worker import evaluate, export, fine_tune
-from worker.lease import Lease, claim
+from worker.lease import Lease, claim, confirm_cancelled
 from worker.workspace import remove_finished_work_dirs
 
 log = logging.getLogger(__name__)
@@ -119,16 +119,9 @@ def give_back(job_id: str, lease: Lease, poll_seconds: float = 1.0) -> str:
                     job = session.get(Job, job_id)
                     dispatch_after_commit(session, job_id, job.kind, job.queue)
                     return "requeued"
-                if switch_job_status(
-                    session,
-                    job_id,
-                    JobStatus.cancelled,
-                    only_from={JobStatus.cancelling},
-                    lease_owner=lease.owner,
-                    message="Job cancelled; its worker lost the database connection while stopping.",
-                ):
-                    return "cancelled"
-                return "lease_lost"
+            if confirm_cancelled(job_id, lease, "Job cancelled; its worker lost the database while stopping."):
+                return "cancelled"
+            return "lease_lost"
         except Exception as exc:
             if not database_unreachable(exc) or time.monotonic() > deadline:
                 log.exception("giving job %s back failed; the reconciler requeues it when its lease expires", job_id)
