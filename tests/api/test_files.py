@@ -21,7 +21,7 @@ def jsonl(rows) -> str:
 
 def storage_tmp_files() -> list:
     tmp = get_settings().storage_dir / "tmp"
-    return list(tmp.iterdir()) if tmp.exists() else []
+    return sorted(tmp.iterdir()) if tmp.exists() else []
 
 
 def test_upload_get_list_download_delete(client, auth):

@@ -24,6 +24,7 @@ def test_upload_download_ranges_delete(client, auth, s3_server, bucket):
     from models.config import get_settings
 
     body = jsonl(prompt_completion_rows(40)).encode()
+    staged_before = storage_tmp_files()  # the store's tmp/ is shared: a killed process elsewhere may leave files
     created = upload(client, auth, body, name="train.jsonl")
     assert created.status_code == 200, created.text
     file = created.json()
@@ -31,7 +32,7 @@ def test_upload_download_ranges_delete(client, auth, s3_server, bucket):
     assert name.startswith("objects/") and name.endswith(f"/{file['id']}")
     assert s3_server.client().get_object(Bucket=bucket, Key=name)["Body"].read() == body
     # Staged on the API's disk, then moved to the bucket: nothing stays behind locally.
-    assert storage_tmp_files() == [] and not (get_settings().storage_dir / name).exists()
+    assert storage_tmp_files() == staged_before and not (get_settings().storage_dir / name).exists()
 
     whole = content(client, auth, file["id"])
     etag = f'"{hashlib.sha256(body).hexdigest()}"'
@@ -66,13 +67,15 @@ def test_upload_download_ranges_delete(client, auth, s3_server, bucket):
 
 
 def test_a_refused_upload_leaves_nothing_in_the_bucket(client, auth, s3_server, bucket):
+    staged_before = storage_tmp_files()
     bad = upload(client, auth, jsonl([*prompt_completion_rows(11), "{not json"]))
     assert bad.status_code == 400 and bad.json()["error"]["message"].startswith("line 12:")
-    assert s3_server.object_names(bucket) == [] and storage_tmp_files() == []
+    assert s3_server.object_names(bucket) == [] and storage_tmp_files() == staged_before
 
 
 def test_the_api_reads_datasets_back_from_the_bucket(client, auth):
     """Creating an evaluation checks its data, which lives only in the bucket."""
+    staged_before = storage_tmp_files()
     gsm = upload(client, auth, jsonl([{"prompt": f"q{i}", "completion": f"long answer {i}"} for i in range(10)]))
     refused = client.post(
         "/v1/evaluations",
@@ -92,7 +95,7 @@ def test_the_api_reads_datasets_back_from_the_bucket(client, auth):
         },
     )
     assert created.status_code == 200, created.text
-    assert storage_tmp_files() == []  # the copy read for the check is gone
+    assert storage_tmp_files() == staged_before  # the copy read for the check is gone
 
 
 def test_presigned_downloads_redirect_to_the_bucket(client, auth, s3_server, monkeypatch):
@@ -124,10 +127,11 @@ def test_unreachable_store_is_503_and_leaves_nothing(client, auth, monkeypatch):
     get_settings.cache_clear()
     _s3_storage.cache_clear()
     before = client.get("/v1/files", headers=auth).json()["data"]
+    staged_before = storage_tmp_files()
     response = upload(client, auth, jsonl(prompt_completion_rows(20)).encode())
     assert response.status_code == 503, response.text
     assert response.headers["retry-after"] == "5"
     assert response.json()["error"]["message"] == "The artifact store is unavailable; retry shortly."
     # The upload was not recorded and its staged copy is gone.
     assert client.get("/v1/files", headers=auth).json()["data"] == before
-    assert storage_tmp_files() == []
+    assert storage_tmp_files() == staged_before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -52,15 +53,19 @@ def tiny_tokenizer(tiny_model_dir: Path):
 
 @pytest.fixture
 def queue():
+    """A fine-tuning queue of the test's own: only its jobs are published there, so counts are its own."""
     client = redis.Redis.from_url(REDIS_URL)
-    name = get_settings().fine_tune_queue
-    client.delete(name)
-    yield lambda: client.llen(name)
+    name = f"grove-test-dispatch-{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GROVE_FINE_TUNE_QUEUE", name)
+        get_settings.cache_clear()
+        yield lambda: client.llen(name)
+    get_settings.cache_clear()
     client.delete(name)
 
 
 @pytest.fixture
-def job_id(client, auth) -> str:
+def job_id(queue, client, auth) -> str:
     file_id = upload(client, auth, jsonl(prompt_completion_rows(10))).json()["id"]
     response = client.post(
         "/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-llama-test", "training_file": file_id}
