@@ -72,7 +72,7 @@ class _Hooks:
 
 
 def train(name: str, n_rows: int, offset: int, base_dir: Path, retrain: bool) -> Path:
-    from models.specs import FineTuneSpec
+    from jobs.fine_tune_spec import FineTuneSpec
     from worker.data import read_training_examples
     from worker.train import train_adapter
 
@@ -108,7 +108,7 @@ def dir_bytes(path: Path) -> int:
 
 def export(name, base_dir, precision, mode, adapters: dict[str, Path], **quantization) -> tuple[Path, float, dict]:
     """Build (and package) like worker/export.py does; returns the package dir, wall seconds, adapter files."""
-    from models.export_spec import Quantization
+    from jobs.export_spec import Quantization
     from worker import onnx_build, onnx_package
 
     default = Quantization()
@@ -151,7 +151,7 @@ def export(name, base_dir, precision, mode, adapters: dict[str, Path], **quantiz
 
 
 def gate(package, base_dir, mode, adapters, files, precision) -> dict:
-    from models.export_spec import FIXED_PROMPTS, GATE_DEFAULTS
+    from jobs.export_spec import FIXED_PROMPTS, GATE_DEFAULTS
     from worker.onnx_gate import Check, run_gate
 
     names = list(adapters)

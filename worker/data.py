@@ -8,7 +8,7 @@ tokens before it (the loss shifts by one), and IGNORE_INDEX marks tokens that ar
   context. Message boundaries come from rendering prefixes of the conversation with the chat template.
 - prompt/completion: loss on the completion tokens and a final EOS.
 - text: loss on the whole text and a final EOS. A text_template with the completion marker
-  (models.specs.COMPLETION_MARKER) gives prompt/completion examples instead (read_training_examples).
+  (jobs.fine_tune_spec.COMPLETION_MARKER) gives prompt/completion examples instead (read_training_examples).
 
 Examples longer than max_seq_len are cut at max_seq_len and counted; an example left with no trained token
 (every assistant turn weighted 0, or cut off) is skipped and counted.
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.fine_tune_spec import split_template
 from models.datasets import ChatExample, Example, PromptCompletionExample, TextExample, read_examples
-from models.specs import split_template
 
 IGNORE_INDEX = -100
 # Bump when the encoding of examples changes: cached encodings of older versions are then ignored.

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from models.evaluation_spec import GenerationSettings
+from jobs.evaluation_spec import GenerationSettings
 from models.model_store import load_options
 from worker.data import IGNORE_INDEX, collate
 from worker.eval_metrics import TokenScores

@@ -20,9 +20,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.evaluation_spec import EvaluationSettings
 from models.datasets import ChatExample, DatasetError, Example, PromptCompletionExample, _records, _shape_of
 from models.errors import InvalidRequest
-from models.evaluation_spec import EvaluationSettings
 
 MAX_DERIVED_LABELS = 50
 MAX_LABEL_CHARS = 64

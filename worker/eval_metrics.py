@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from models.evaluation_spec import LabelSettings, Normalization
+from jobs.evaluation_spec import LabelSettings, Normalization
 
 NO_LABEL = "(none)"
 DIGITS = 6

@@ -27,11 +27,11 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
+from jobs.evaluation_spec import RESULTS_PURPOSE, EvaluationSpec, Target
 from models.base import unix, utcnow
 from models.config import get_settings
 from models.db import session_scope
 from models.errors import InvalidRequest
-from models.evaluation_spec import RESULTS_PURPOSE, EvaluationSpec, Target
 from models.file import File
 from models.job import Job
 from models.job_status import JobStatus

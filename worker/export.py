@@ -50,11 +50,11 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
+from jobs.export_spec import FIXED_PROMPTS, ExportSpec
 from models.base import utcnow
 from models.config import get_settings
 from models.db import session_scope
 from models.errors import InvalidRequest
-from models.export_spec import FIXED_PROMPTS, ExportSpec
 from models.file import File
 from models.job import Job
 from models.job_status import JobStatus

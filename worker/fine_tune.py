@@ -20,18 +20,18 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
+from jobs.evaluation_spec import enqueue_follow_up
+from jobs.export_spec import create_chained_export
+from jobs.fine_tune_spec import FineTuneSpec
 from models.base import unix, utcnow
 from models.config import get_settings
 from models.db import session_scope
 from models.errors import InvalidRequest
-from models.evaluation_spec import enqueue_follow_up
-from models.export_spec import create_chained_export
 from models.file import File
 from models.job import Checkpoint, Job
 from models.job_status import JobStatus
 from models.model_store import resolve_model
 from models.results import publish_file
-from models.specs import FineTuneSpec
 from models.storage import delete_after_commit, get_storage
 from models.transitions import add_event, switch_job_status
 from worker.archives import pack_tar, unpack_tar

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.fine_tune_spec import FineTuneSpec
 from models.errors import InvalidRequest
 from models.model_store import load_options
-from models.specs import FineTuneSpec
 from worker.checkpoints import save_atomically
 
 # --- device, precision, memory ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.export_spec import LORA_MODULES
+from jobs.export_spec import LORA_MODULES
 from models.model_store import load_options
 
 # Files of a Hugging Face model directory that are not weights: carried over to a merged copy.

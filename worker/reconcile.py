@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select
 
+from jobs.sweep_spec import SWEEP_KIND
 from models.base import utcnow
 from models.config import get_settings
 from models.db import session_scope
@@ -24,7 +25,6 @@ from models.job import Job
 from models.job_status import JobStatus
 from models.queue import publish_job
 from models.storage import get_storage
-from models.sweep_spec import SWEEP_KIND
 from models.transitions import switch_job_status
 
 log = logging.getLogger(__name__)

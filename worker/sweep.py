@@ -40,16 +40,8 @@ from sqlalchemy import or_, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from models.base import unix, utcnow
-from models.config import get_settings
-from models.db import get_engine, session_scope
-from models.errors import GroveError, InvalidRequest
-from models.evaluation_spec import EVALUATION_KIND
-from models.job import Job, JobEvent
-from models.job_status import TERMINAL, JobStatus
-from models.project import Project
-from models.results import publish_file
-from models.sweep_spec import (
+from jobs.evaluation_spec import EVALUATION_KIND
+from jobs.sweep_spec import (
     RESULTS_PURPOSE,
     SWEEP_KIND,
     SWEEP_META,
@@ -59,6 +51,14 @@ from models.sweep_spec import (
     grid_values,
     loc_param,
 )
+from models.base import unix, utcnow
+from models.config import get_settings
+from models.db import get_engine, session_scope
+from models.errors import GroveError, InvalidRequest
+from models.job import Job, JobEvent
+from models.job_status import TERMINAL, JobStatus
+from models.project import Project
+from models.results import publish_file
 from models.transitions import add_event, switch_job_status
 
 log = logging.getLogger(__name__)
@@ -452,7 +452,7 @@ class SweepPass:
         return "ok", float(value), None
 
     def _start_evaluation(self, number: int, child: Job) -> None:
-        from models.evaluation_spec import EvaluationSettings, EvaluationSpec, Target, enqueue_evaluation
+        from jobs.evaluation_spec import EvaluationSettings, EvaluationSpec, Target, enqueue_evaluation
 
         objective = self.spec.objective
         settings = EvaluationSettings.model_validate(

@@ -33,10 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from models.datasets import DatasetError, Example
-from models.errors import InvalidRequest
-from models.model_store import load_options
-from models.specs import (
+from jobs.fine_tune_spec import (
     BASE_LEARNING_RATE,
     FineTuneSpec,
     resolve_batch_size,
@@ -45,6 +42,9 @@ from models.specs import (
     resolve_mixed_precision,
     resolve_n_epochs,
 )
+from models.datasets import DatasetError, Example
+from models.errors import InvalidRequest
+from models.model_store import load_options
 from worker.checkpoints import (
     STATE_FILE,
     checkpoint_dir,

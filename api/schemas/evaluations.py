@@ -7,8 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.schemas.common import JobEventObject
+from jobs.evaluation_spec import MAX_TARGETS, EvaluationSettings
 from models.base import unix
-from models.evaluation_spec import MAX_TARGETS, EvaluationSettings
 from models.job import Job
 
 

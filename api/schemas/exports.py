@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas.fine_tuning import FineTuningJobEventObject, Progress
+from jobs.export_spec import ExportOptions, ExportSource
 from models.base import unix
-from models.export_spec import ExportOptions, ExportSource
 from models.job import Job
 
 

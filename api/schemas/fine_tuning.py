@@ -7,11 +7,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas.common import JobEventObject
+from jobs.evaluation_spec import EvaluationSettings
+from jobs.export_spec import ExportOptions
+from jobs.fine_tune_spec import Hyperparameters, TrainingOptions
 from models.base import unix
-from models.evaluation_spec import EvaluationSettings
-from models.export_spec import ExportOptions
 from models.job import Checkpoint, Job, JobEvent
-from models.specs import Hyperparameters, TrainingOptions
 
 
 class SupervisedMethod(BaseModel):

@@ -8,9 +8,9 @@ from pydantic import BaseModel, Field
 
 from api.schemas.common import JobEventObject
 from api.schemas.fine_tuning import CreateFineTuningJob
+from jobs.sweep_spec import SweepSettings
 from models.base import unix
 from models.job import Job
-from models.sweep_spec import SweepSettings
 
 
 class CreateSweep(SweepSettings):

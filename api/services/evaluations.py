@@ -12,9 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas.evaluations import CreateEvaluation, TargetRequest
 from api.services import jobs
-from models.config import get_settings
-from models.errors import InvalidRequest
-from models.evaluation_spec import (
+from jobs.evaluation_spec import (
     EVALUATION_KIND,
     EXPORT_KIND,
     EvaluationSettings,
@@ -22,6 +20,8 @@ from models.evaluation_spec import (
     Target,
     enqueue_evaluation,
 )
+from models.config import get_settings
+from models.errors import InvalidRequest
 from models.file import File
 from models.job import Checkpoint, Job, JobEvent
 from models.job_status import JobStatus

@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas.exports import CreateExport
 from api.services import jobs
-from models.export_spec import KIND, ExportOptions, build_spec, enqueue_export
+from jobs.export_spec import KIND, ExportOptions, build_spec, enqueue_export
 from models.job import Job, JobEvent
 from models.project import Project
 

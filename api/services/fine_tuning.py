@@ -13,17 +13,17 @@ from sqlalchemy.orm import Session
 from api.schemas.fine_tuning import CreateFineTuningJob
 from api.services import evaluations, jobs
 from api.services.pagination import page
+from jobs.export_spec import check_chained_export
+from jobs.fine_tune_spec import COMPLETION_MARKER, AdapterConfig, FineTuneSpec, TrainingOptions, split_template
 from models.config import get_settings
 from models.datasets import DatasetSummary, check_template_against
 from models.errors import InvalidRequest
-from models.export_spec import check_chained_export
 from models.file import File
 from models.job import Checkpoint, Job, JobEvent
 from models.job_status import JobStatus
 from models.model_store import resolve_model
 from models.project import Project
 from models.queue import dispatch_after_commit
-from models.specs import COMPLETION_MARKER, AdapterConfig, FineTuneSpec, TrainingOptions, split_template
 from models.transitions import add_event, switch_job_status
 
 

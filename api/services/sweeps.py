@@ -16,15 +16,8 @@ from sqlalchemy.orm import Session
 from api.schemas.fine_tuning import CreateFineTuningJob
 from api.schemas.sweeps import CreateSweep
 from api.services import evaluations, fine_tuning, jobs
-from models.config import get_settings
-from models.errors import GroveError, InvalidRequest
-from models.evaluation_spec import EvaluationSettings
-from models.file import File
-from models.ids import new_id
-from models.job import Job, JobEvent
-from models.job_status import JobStatus
-from models.project import Project
-from models.sweep_spec import (
+from jobs.evaluation_spec import EvaluationSettings
+from jobs.sweep_spec import (
     DEFAULT_RANDOM_TRIALS,
     MAX_GRID_SIZE,
     SWEEP_ID_PREFIX,
@@ -39,6 +32,13 @@ from models.sweep_spec import (
     grid_values,
     loc_param,
 )
+from models.config import get_settings
+from models.errors import GroveError, InvalidRequest
+from models.file import File
+from models.ids import new_id
+from models.job import Job, JobEvent
+from models.job_status import JobStatus
+from models.project import Project
 from models.transitions import add_event, switch_job_status
 from worker.sweep import cancel_children
 

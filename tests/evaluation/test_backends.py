@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.evaluation_spec import GenerationSettings
 from models.datasets import PromptCompletionExample
-from models.evaluation_spec import GenerationSettings
 from tests.conftest import emotion_rows
 from worker.eval_data import EvalItem, loss_row, prompt_ids
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from jobs.evaluation_spec import EvaluationSettings, LabelSettings, Normalization
 from models.errors import InvalidRequest
-from models.evaluation_spec import EvaluationSettings, LabelSettings, Normalization
 from tests.conftest import write_jsonl
 from worker.eval_data import label_set, read_items, split_template
 from worker.eval_metrics import (

@@ -48,7 +48,7 @@ def fine_tuned(tenant) -> dict:
 @pytest.fixture(scope="module")
 def crafted_file(tenant, tiny_model) -> tuple[str, int]:
     """20 rows; the even ones expect exactly the base model's greedy output, the odd ones the label."""
-    from models.evaluation_spec import GenerationSettings
+    from jobs.evaluation_spec import GenerationSettings
     from tests.evaluation.test_backends import _item
     from worker.eval_backends import TorchBackend
     from worker.eval_data import prompt_ids

@@ -164,7 +164,7 @@ def test_cancel_propagates_to_running_and_queued_trials(live, tmp_path):
 
 
 def test_a_worker_killed_mid_sweep_leaves_every_trial_accounted_for(live, tmp_path):
-    from models.sweep_spec import SweepSpec
+    from jobs.sweep_spec import SweepSpec
     from worker.sweep import load_study
 
     api = Api(live, tmp_path)

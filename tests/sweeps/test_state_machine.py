@@ -188,7 +188,7 @@ def test_cancel_cancels_queued_and_running_trials(tenant):
 def test_an_optuna_trial_left_without_its_job_is_given_one(tenant):
     """A pass that asked optuna for a trial and then died before its own commit leaves an optuna trial with
     no fine-tuning job; the next pass creates the job for it, with the parameters optuna drew."""
-    from models.sweep_spec import SweepSpec
+    from jobs.sweep_spec import SweepSpec
     from worker.sweep import distributions, load_study
 
     sweep = tenant.create(

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from jobs.fine_tune_spec import FineTuneSpec
 from models.datasets import ChatExample, DatasetError, PromptCompletionExample
-from models.specs import FineTuneSpec
 from worker.train import TrainOutcome, train_adapter
 
 # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` when loading an adapter.

@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from jobs.evaluation_spec import METRICS, EvaluationSettings
+from jobs.fine_tune_spec import AdapterConfig, Hyperparameters, TrainingOptions
 from models.errors import InvalidRequest
-from models.evaluation_spec import METRICS, EvaluationSettings
-from models.specs import AdapterConfig, Hyperparameters, TrainingOptions
 
 SWEEP_KIND = "sweep"
 SWEEP_ID_PREFIX = "sweep"

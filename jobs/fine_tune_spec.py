@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.evaluation_spec import EvaluationSettings
-from models.export_spec import ExportOptions
+from jobs.evaluation_spec import EvaluationSettings
+from jobs.export_spec import ExportOptions
 
 AUTO = "auto"
 # In a text_template, marks where the trained completion starts: "Text: {text}\nEmotion:<|completion|> {label}".

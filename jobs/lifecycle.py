@@ -1,0 +1,100 @@
+"""What every job kind shares between its creation and its end: room checks, enqueue, cancel.
+
+Status itself has one writer, `models.transitions.switch_job_status`; this module decides which transition a
+request asks for. Nothing here commits: the message of an enqueued job goes out after the caller's commit.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from models.config import get_settings
+from models.errors import Conflict, TooManyJobs
+from models.job import Job
+from models.job_kind import JobKind
+from models.job_status import TERMINAL, JobStatus
+from models.queue import dispatch_after_commit
+from models.transitions import add_event, switch_job_status
+
+
+def unfinished_count(session: Session, project_id: str) -> int:
+    """Jobs of every kind the project holds that have not reached a terminal status."""
+    return session.scalar(
+        select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.not_in(sorted(TERMINAL)))
+    )
+
+
+def room_left(session: Session, project_id: str) -> int:
+    """How many more unfinished jobs the project may hold (GROVE_MAX_QUEUED_JOBS_PER_PROJECT)."""
+    return get_settings().max_queued_jobs_per_project - unfinished_count(session, project_id)
+
+
+def check_room(session: Session, project_id: str) -> None:
+    """Refuse (429 too_many_jobs) a new job of any kind when the project is at its unfinished-jobs limit."""
+    limit = get_settings().max_queued_jobs_per_project
+    active = unfinished_count(session, project_id)
+    if active >= limit:
+        raise TooManyJobs(
+            f"This project already has {active} unfinished jobs (limit {limit}, GROVE_MAX_QUEUED_JOBS_PER_PROJECT); "
+            "wait for some to finish or cancel them."
+        )
+
+
+def enqueue(session: Session, job: Job, *, created: str, queued: str, dispatch: bool = True) -> Job:
+    """Write a new job, its `created` event and its move to `queued`; its message goes out after commit.
+
+    A job that no worker runs (a sweep, advanced by the reconciler) is written with `dispatch=False`.
+    """
+    job.status = JobStatus.validating_files
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "created", created)
+    switch_job_status(session, job.id, JobStatus.queued, message=queued)
+    if dispatch:
+        dispatch_after_commit(session, job.id, job.kind, job.queue)
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def request_cancel(session: Session, job_id: str, message: str | None = None) -> bool:
+    """Stop a job that has not started at once; ask a running one's worker to stop at its next safe point
+    (between two training steps). Returns whether the job moved."""
+    return switch_job_status(
+        session,
+        job_id,
+        JobStatus.cancelled,
+        only_from={JobStatus.validating_files, JobStatus.queued},
+        message=message or "Job cancelled before it started.",
+    ) or switch_job_status(session, job_id, JobStatus.cancelling, only_from={JobStatus.running}, message=message)
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """A user's cancel: one that is already cancelled or cancelling is returned unchanged; a finished one is 409."""
+    request_cancel(session, job.id)
+    session.flush()
+    session.refresh(job)
+    if job.status in (JobStatus.succeeded, JobStatus.failed):
+        raise Conflict(
+            f"Job {job.id} has already {job.status}; it cannot be cancelled.", param=JobKind(job.kind).id_param
+        )
+    return job
+
+
+def cancel_children(session: Session, parent_id: str, message: str) -> int:
+    """Cancel a job's unfinished children and their own children (a sweep's trials and their evaluations)."""
+    child_ids = select(Job.id).where(Job.parent_id == parent_id).scalar_subquery()
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                or_(Job.parent_id == parent_id, Job.parent_id.in_(child_ids)),
+                Job.status.not_in(sorted(TERMINAL)),
+            )
+            .order_by(Job.id)
+        )
+    )
+    for job_id in ids:
+        request_cancel(session, job_id, message)
+    return len(ids)
