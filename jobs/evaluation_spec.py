@@ -1,4 +1,4 @@
-"""Evaluation job specs (versioned, stored as JSON on the job) and the one way to queue an evaluation job.
+"""Evaluation jobs: the request, and the versioned spec stored as JSON on the job.
 
 `EvaluationSettings` is what to measure and how; a fine-tuning job may carry one (`FineTuneSpec.evaluation`)
 to be evaluated automatically when it succeeds. `EvaluationSpec` adds the data and the resolved targets:
@@ -8,15 +8,10 @@ the API resolves every target once, at creation, so the worker never has to gues
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy.orm import Session
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-EVALUATION_KIND = "evaluation"
-EVALUATION_ID_PREFIX = "evaljob"
-# The kind of the export jobs a target may name (their package is result_files[0]).
-EXPORT_KIND = "export"
 RESULTS_PURPOSE = "evaluation-results"
 
 Metric = Literal["loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "rouge_l", "bleu"]
@@ -190,57 +185,39 @@ class EvaluationSpec(EvaluationSettings):
         return EvaluationSettings.model_validate(self.model_dump(include=set(EvaluationSettings.model_fields)))
 
 
-def enqueue_evaluation(
-    session: Session, project_id: str, spec: EvaluationSpec, queue: str, parent_id: str | None = None, metadata=None
-):
-    """Write an evaluation job (queued) and send its message after commit. Never commits."""
-    from models.ids import new_id
-    from models.job import Job
-    from models.job_status import JobStatus
-    from models.queue import dispatch_after_commit
-    from models.transitions import add_event, switch_job_status
+class TargetRequest(BaseModel):
+    """One target: exactly one of model, fine_tuning_job or export_job."""
 
-    job = Job(
-        id=new_id(EVALUATION_ID_PREFIX),
-        project_id=project_id,
-        kind=EVALUATION_KIND,
-        queue=queue,
-        model=spec.targets[0].model,
-        # The evaluation data sits where the file-delete guard looks: an unfinished job keeps its file.
-        validation_file_id=spec.evaluation_file,
-        spec=spec.model_dump(mode="json"),
-        user_metadata=metadata,
-        status=JobStatus.validating_files,
-        parent_id=parent_id,
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="A base model from GET /v1/models.")
+    fine_tuning_job: str | None = Field(None, description="A succeeded fine-tuning job: its adapter.")
+    checkpoint: str | int | None = Field(
+        None, description="With fine_tuning_job: a checkpoint id (ftckpt-...) or step number instead of the result."
     )
-    session.add(job)
-    session.flush()
-    names = ", ".join(t.name for t in spec.targets)
-    add_event(session, job.id, "created", f"Created evaluation job: {job.id} ({len(spec.targets)} targets: {names})")
-    switch_job_status(session, job.id, JobStatus.queued, message="Validated evaluation file and targets; job queued.")
-    dispatch_after_commit(session, job.id, job.kind, job.queue)
-    session.flush()
-    return job
+    export_job: str | None = Field(None, description="A succeeded export job: its ONNX package.")
+    adapter: str | None = Field(None, description="With export_job: the adapter of a multi-adapter package, by name.")
+    name: str | None = Field(None, min_length=1, max_length=100, description="How the report names this target.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TargetRequest:
+        given = [k for k in ("model", "fine_tuning_job", "export_job") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of model, fine_tuning_job or export_job")
+        if self.checkpoint is not None and self.fine_tuning_job is None:
+            raise ValueError("checkpoint goes with fine_tuning_job")
+        if self.adapter is not None and self.export_job is None:
+            raise ValueError("adapter goes with export_job")
+        return self
 
 
-def enqueue_follow_up(session: Session, fine_tune_job, adapter_file_id: str):
-    """The automatic evaluation a fine-tuning job asked for: its base model vs its new adapter, on its
-    validation file. Called in the transaction that marks the fine-tune succeeded."""
-    settings = EvaluationSettings.model_validate(fine_tune_job.spec["evaluation"])
-    if settings.text_template is None:
-        settings.text_template = fine_tune_job.spec.get("text_template")
-    spec = EvaluationSpec(
-        **settings.model_dump(),
-        evaluation_file=fine_tune_job.validation_file_id,
-        targets=[
-            Target(type="model", name=fine_tune_job.model, model=fine_tune_job.model),
-            Target(
-                type="fine_tuning_job",
-                name=fine_tune_job.id,
-                model=fine_tune_job.model,
-                job_id=fine_tune_job.id,
-                file_id=adapter_file_id,
-            ),
-        ],
+class CreateEvaluation(EvaluationSettings):
+    evaluation_file: str = Field(description="Id of an uploaded JSONL (purpose fine-tune) to score the targets on.")
+    targets: list[str | dict[str, Any]] = Field(
+        min_length=1,
+        max_length=MAX_TARGETS,
+        description="What to score, in report order; differences are against the first. Each is an object "
+        "({model} | {fine_tuning_job, checkpoint?} | {export_job, adapter?}, plus an optional name) or a string: a "
+        "model name, a fine-tuning or export job id, or a checkpoint id.",
     )
-    return enqueue_evaluation(session, fine_tune_job.project_id, spec, fine_tune_job.queue, parent_id=fine_tune_job.id)
+    metadata: dict[str, str] | None = Field(None, max_length=16)

@@ -1,4 +1,4 @@
-"""What every job kind shares between its creation and its end: room checks, enqueue, cancel.
+"""What every job kind shares between its creation and its end: room and dataset checks, enqueue, cancel.
 
 Status itself has one writer, `models.transitions.switch_job_status`; this module decides which transition a
 request asks for. Nothing here commits: the message of an enqueued job goes out after the caller's commit.
@@ -10,7 +10,9 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from models.config import get_settings
-from models.errors import Conflict, TooManyJobs
+from models.errors import Conflict, InvalidRequest, TooManyJobs
+from models.file import File
+from models.ids import new_id
 from models.job import Job
 from models.job_kind import JobKind
 from models.job_status import TERMINAL, JobStatus
@@ -41,15 +43,28 @@ def check_room(session: Session, project_id: str) -> None:
         )
 
 
-def enqueue(session: Session, job: Job, *, created: str, queued: str, dispatch: bool = True) -> Job:
+def dataset_file(session: Session, project_id: str, file_id: str, param: str) -> File:
+    """An uploaded, validated dataset of the project (400 naming `param` otherwise)."""
+    file = session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
+    if file is None:
+        raise InvalidRequest(f"No file found with id {file_id!r}.", param=param, code="file_not_found")
+    if file.purpose != "fine-tune" or file.data_format is None:
+        raise InvalidRequest(f"File {file_id} is not an uploaded dataset (purpose 'fine-tune').", param=param)
+    return file
+
+
+def enqueue(session: Session, job: Job, *, queued: str, detail: str = "", dispatch: bool = True) -> Job:
     """Write a new job, its `created` event and its move to `queued`; its message goes out after commit.
 
-    A job that no worker runs (a sweep, advanced by the reconciler) is written with `dispatch=False`.
+    `detail` follows the job's id in the created event; `queued` is the queued event's message. A job that no
+    worker runs (a sweep, advanced by the reconciler) is written with `dispatch=False`.
     """
+    kind = JobKind(job.kind)
+    job.id = job.id or new_id(kind.id_prefix)
     job.status = JobStatus.validating_files
     session.add(job)
     session.flush()
-    add_event(session, job.id, "created", created)
+    add_event(session, job.id, "created", f"Created {kind.label}: {job.id}{detail}")
     switch_job_status(session, job.id, JobStatus.queued, message=queued)
     if dispatch:
         dispatch_after_commit(session, job.id, job.kind, job.queue)

@@ -18,11 +18,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from jobs.evaluation_spec import METRICS, EvaluationSettings
-from jobs.fine_tune_spec import AdapterConfig, Hyperparameters, TrainingOptions
+from jobs.fine_tune_spec import AdapterConfig, CreateFineTuningJob, Hyperparameters, TrainingOptions
 from models.errors import InvalidRequest
 
-SWEEP_KIND = "sweep"
-SWEEP_ID_PREFIX = "sweep"
 RESULTS_PURPOSE = "sweep-results"
 # Child job metadata keys that tie a trial (and its evaluation) to its sweep.
 SWEEP_META = "sweep_id"
@@ -245,6 +243,14 @@ class SweepSpec(SweepSettings):
 
 
 # --- the search space's rules -------------------------------------------------------------------------------
+
+
+class CreateSweep(SweepSettings):
+    fine_tuning: CreateFineTuningJob = Field(
+        description="The base fine-tuning request (the body of POST /v1/fine_tuning/jobs); each trial is this "
+        "request with the searched parameters set."
+    )
+    metadata: dict[str, str] | None = Field(None, max_length=16)
 
 
 def _bad(name: str, message: str) -> InvalidRequest:

@@ -17,6 +17,11 @@ class JobKind(StrEnum):
         return _LABELS[self]
 
     @property
+    def id_prefix(self) -> str:
+        """The prefix of this kind's job ids (ftjob-..., exjob-...)."""
+        return _ID_PREFIXES[self]
+
+    @property
     def id_param(self) -> str:
         """The request field a 404 or 409 about a job of this kind points at."""
         return _ID_PARAMS[self]
@@ -26,6 +31,12 @@ _LABELS = {
     JobKind.fine_tune: "fine-tuning job",
     JobKind.export: "export job",
     JobKind.evaluation: "evaluation job",
+    JobKind.sweep: "sweep",
+}
+_ID_PREFIXES = {
+    JobKind.fine_tune: "ftjob",
+    JobKind.export: "exjob",
+    JobKind.evaluation: "evaljob",
     JobKind.sweep: "sweep",
 }
 _ID_PARAMS = {

@@ -36,14 +36,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, text, update
+from pydantic import ValidationError
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from jobs.evaluation_spec import EVALUATION_KIND
+from jobs import fine_tune, lifecycle
+from jobs.evaluation import enqueue_evaluation
+from jobs.evaluation_spec import EvaluationSettings, EvaluationSpec, Target
+from jobs.fine_tune_spec import CreateFineTuningJob
 from jobs.sweep_spec import (
     RESULTS_PURPOSE,
-    SWEEP_KIND,
     SWEEP_META,
     TRIAL_META,
     SweepSpec,
@@ -56,6 +59,7 @@ from models.config import get_settings
 from models.db import get_engine, session_scope
 from models.errors import GroveError, InvalidRequest
 from models.job import Job, JobEvent
+from models.job_kind import JobKind
 from models.job_status import TERMINAL, JobStatus
 from models.project import Project
 from models.results import publish_file
@@ -200,7 +204,7 @@ def advance_sweeps() -> int:
     with session_scope() as session:
         ids = list(
             session.scalars(
-                select(Job.id).where(Job.kind == SWEEP_KIND, Job.status.in_(sorted(UNFINISHED))).order_by(Job.id)
+                select(Job.id).where(Job.kind == JobKind.sweep, Job.status.in_(sorted(UNFINISHED))).order_by(Job.id)
             )
         )
     advanced = 0
@@ -227,35 +231,10 @@ def _lock(session: Session, sweep_id: str) -> Job | None:
 def advance(sweep_id: str) -> bool:
     with session_scope() as session:
         sweep = _lock(session, sweep_id)
-        if sweep is None or sweep.kind != SWEEP_KIND or JobStatus(sweep.status).is_terminal:
+        if sweep is None or sweep.kind != JobKind.sweep or JobStatus(sweep.status).is_terminal:
             return False
         SweepPass(session, sweep).run()
     return True
-
-
-def cancel_job(session: Session, job_id: str, message: str) -> None:
-    """Cancel a job the way the API does: at once if it has not started, else ask its worker."""
-    switch_job_status(
-        session, job_id, JobStatus.cancelled, only_from={JobStatus.validating_files, JobStatus.queued}, message=message
-    ) or switch_job_status(session, job_id, JobStatus.cancelling, only_from={JobStatus.running}, message=message)
-
-
-def cancel_children(session: Session, sweep_id: str, message: str) -> int:
-    """Cancel the sweep's unfinished trials and the jobs they started (their evaluations)."""
-    trial_ids = select(Job.id).where(Job.parent_id == sweep_id).scalar_subquery()
-    ids = list(
-        session.scalars(
-            select(Job.id)
-            .where(
-                or_(Job.parent_id == sweep_id, Job.parent_id.in_(trial_ids)),
-                Job.status.not_in(sorted(TERMINAL)),
-            )
-            .order_by(Job.id)
-        )
-    )
-    for job_id in ids:
-        cancel_job(session, job_id, message)
-    return len(ids)
 
 
 def _fmt(value: Any) -> str:
@@ -297,7 +276,7 @@ class SweepPass:
         if children:
             for job in self.session.scalars(
                 select(Job)
-                .where(Job.parent_id.in_([c.id for c in children]), Job.kind == EVALUATION_KIND)
+                .where(Job.parent_id.in_([c.id for c in children]), Job.kind == JobKind.evaluation)
                 .order_by(Job.id)
             ):
                 if (job.user_metadata or {}).get(SWEEP_META) == self.sweep.id:
@@ -341,7 +320,7 @@ class SweepPass:
             self._adopt_orphans()
             self._ask_for_trials()
         elif status == JobStatus.cancelling:
-            cancel_children(self.session, self.sweep.id, f"Sweep {self.sweep.id} was cancelled.")
+            lifecycle.cancel_children(self.session, self.sweep.id, f"Sweep {self.sweep.id} was cancelled.")
         self._refresh_frozen()
         summary = self._summary()
         if JobStatus(self.sweep.status) == JobStatus.running and self._all_done():
@@ -398,7 +377,7 @@ class SweepPass:
             if frozen is None:
                 continue
             if frozen.state == TrialState.PRUNED and child.status not in TERMINAL:
-                cancel_job(self.session, child.id, f"Pruned by sweep {self.sweep.id}.")
+                lifecycle.request_cancel(self.session, child.id, f"Pruned by sweep {self.sweep.id}.")
                 continue
             if frozen.state != TrialState.RUNNING:
                 continue
@@ -452,8 +431,6 @@ class SweepPass:
         return "ok", float(value), None
 
     def _start_evaluation(self, number: int, child: Job) -> None:
-        from jobs.evaluation_spec import EvaluationSettings, EvaluationSpec, Target, enqueue_evaluation
-
         objective = self.spec.objective
         settings = EvaluationSettings.model_validate(
             objective.evaluation.model_dump() if objective.evaluation else {"metrics": [self.metric]}
@@ -531,7 +508,7 @@ class SweepPass:
 
     def _prune(self, number: int, child: Job, step: int, loss: float) -> None:
         self.study.tell(number, state=self.TrialState.PRUNED, skip_if_finished=True)
-        cancel_job(self.session, child.id, f"Pruned by sweep {self.sweep.id} at step {step}.")
+        lifecycle.request_cancel(self.session, child.id, f"Pruned by sweep {self.sweep.id} at step {step}.")
         add_event(
             self.session,
             self.sweep.id,
@@ -542,9 +519,7 @@ class SweepPass:
         )
 
     def _capacity(self) -> int:
-        from api.services.jobs import unfinished_count
-
-        return get_settings().max_queued_jobs_per_project - unfinished_count(self.session, self.sweep.project_id)
+        return lifecycle.room_left(self.session, self.sweep.project_id)
 
     def _unfinished(self) -> int:
         return sum(1 for t in self.frozen.values() if t.state == self.TrialState.RUNNING)
@@ -577,17 +552,12 @@ class SweepPass:
             self.study.sampler = _sampler(self.spec, trial.number + 1)
 
     def _create_trial(self, number: int, params: dict) -> None:
-        from pydantic import ValidationError
-
-        from api.schemas.fine_tuning import CreateFineTuningJob
-        from api.services import fine_tuning
-
         body = apply_params(self.spec.fine_tuning, self.spec.parameters, params)
         body["metadata"] = (body.get("metadata") or {}) | {SWEEP_META: self.sweep.id, TRIAL_META: str(number)}
         try:
             request = CreateFineTuningJob.model_validate(body)
             project = self.session.get(Project, self.sweep.project_id)
-            child = fine_tuning.create(self.session, project, request)
+            child = fine_tune.create(self.session, project, request)
         except ValidationError as exc:
             first = exc.errors()[0]
             param = loc_param(tuple(first.get("loc", ())))
@@ -627,7 +597,7 @@ class SweepPass:
             "param": f"search_space.{named}" if named else (f"fine_tuning.{param}" if param else "fine_tuning"),
             "type": "user_error",
         }
-        cancel_children(self.session, self.sweep.id, f"Sweep {self.sweep.id} failed.")
+        lifecycle.cancel_children(self.session, self.sweep.id, f"Sweep {self.sweep.id} failed.")
         switch_job_status(self.session, self.sweep.id, JobStatus.failed, only_from={JobStatus.running}, error=error)
         self.session.refresh(self.sweep)
 
@@ -859,7 +829,6 @@ def plot_objective(rows: list[dict], spec: SweepSpec, path: Path, title: str) ->
 __all__ = [
     "advance",
     "advance_sweeps",
-    "cancel_children",
     "load_study",
     "optuna_storage_url",
     "plot_objective",

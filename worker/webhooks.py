@@ -5,21 +5,13 @@ transition. `send_due` claims due rows with a conditional update (several sender
 Celery task, and the thread inside each API process of the embedded deployment), sends each one with no
 database transaction open, and records the outcome.
 
-Signing follows Standard Webhooks, as OpenAI's webhooks do (so `client.webhooks.unwrap()` of the
-OpenAI SDK verifies Grove's deliveries): headers `webhook-id` (the event id, the same on every retry),
-`webhook-timestamp` (Unix seconds of this attempt) and `webhook-signature: v1,<base64 HMAC-SHA256 over
-"{webhook-id}.{webhook-timestamp}.{body}">`, keyed by the base64-decoded part of the `whsec_` secret.
+Signing and the POST itself are models/webhook_signing.py's.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import logging
 import threading
-import time
 from datetime import timedelta
 
 import httpx
@@ -28,7 +20,7 @@ from sqlalchemy import or_, select, update
 from models.base import utcnow
 from models.config import get_settings
 from models.db import session_scope
-from models.destinations import UnsafeDestination, resolve_destination
+from models.destinations import UnsafeDestination
 from models.queue import WEBHOOKS_TASK, get_celery
 from models.webhook import (
     DELIVERY_FAILED,
@@ -38,38 +30,11 @@ from models.webhook import (
     WebhookEndpoint,
     WebhookEvent,
 )
+from models.webhook_signing import post
 
 log = logging.getLogger(__name__)
-USER_AGENT = "Grove-Webhooks/1"
 # How long a sender holds a claimed delivery before another may take it over (a sender that died).
 CLAIM_SECONDS = 120
-
-
-def sign(secret: str, message_id: str, timestamp: int, body: str) -> str:
-    key = base64.b64decode(secret.removeprefix("whsec_")) if secret.startswith("whsec_") else secret.encode()
-    digest = hmac.new(key, f"{message_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
-
-
-def signed_headers(secrets: list[str], message_id: str, body: str, timestamp: int | None = None) -> dict[str, str]:
-    timestamp = int(time.time()) if timestamp is None else timestamp
-    return {
-        "content-type": "application/json",
-        "user-agent": USER_AGENT,
-        "webhook-id": message_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": " ".join(sign(s, message_id, timestamp, body) for s in secrets),
-    }
-
-
-def post(url: str, secrets: list[str], message_id: str, payload: dict) -> httpx.Response:
-    """Check the destination, then POST the signed payload to the address that was checked."""
-    destination = resolve_destination(url)
-    body = json.dumps(payload, separators=(",", ":"))
-    headers = signed_headers(secrets, message_id, body) | {"host": destination.host_header}
-    extensions = {"sni_hostname": destination.host} if destination.scheme == "https" else {}
-    with httpx.Client(timeout=get_settings().webhook_timeout_seconds, follow_redirects=False, trust_env=False) as c:
-        return c.post(destination.request_url(), content=body.encode(), headers=headers, extensions=extensions)
 
 
 def backoff_seconds(attempts: int) -> float:

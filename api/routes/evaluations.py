@@ -8,8 +8,9 @@ from fastapi.responses import FileResponse, Response
 from api.content import file_content
 from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.common import ListObject
-from api.schemas.evaluations import CreateEvaluation, EvaluationEventObject, EvaluationObject
+from api.schemas.evaluations import EvaluationEventObject, EvaluationObject
 from api.services import evaluations
+from jobs.evaluation_spec import CreateEvaluation
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 Limit = Annotated[int, Query(ge=1, le=1000)]

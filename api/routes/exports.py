@@ -6,8 +6,9 @@ from fastapi import APIRouter, Query
 
 from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.common import ListObject
-from api.schemas.exports import CreateExport, ExportJobEventObject, ExportJobObject
+from api.schemas.exports import ExportJobEventObject, ExportJobObject
 from api.services import exports
+from jobs.export_spec import CreateExport
 
 router = APIRouter(prefix="/v1/exports", tags=["exports"])
 Limit = Annotated[int, Query(ge=1, le=1000)]

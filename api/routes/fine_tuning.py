@@ -9,12 +9,12 @@ from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.fine_tuning import (
     CheckpointObject,
-    CreateFineTuningJob,
     FineTuningJobEventObject,
     FineTuningJobObject,
 )
 from api.services import event_stream, idempotency
 from api.services import fine_tuning as jobs
+from jobs.fine_tune_spec import CreateFineTuningJob
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=1000)]

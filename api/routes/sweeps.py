@@ -8,8 +8,9 @@ from fastapi.responses import FileResponse, Response
 from api.content import file_content
 from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.common import ListObject
-from api.schemas.sweeps import CreateSweep, SweepEventObject, SweepObject
+from api.schemas.sweeps import SweepEventObject, SweepObject
 from api.services import idempotency, sweeps
+from jobs.sweep_spec import CreateSweep
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 Limit = Annotated[int, Query(ge=1, le=1000)]

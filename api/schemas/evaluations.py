@@ -2,52 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
 from api.schemas.common import JobEventObject
-from jobs.evaluation_spec import MAX_TARGETS, EvaluationSettings
 from models.base import unix
 from models.job import Job
-
-
-class TargetRequest(BaseModel):
-    """One target: exactly one of model, fine_tuning_job or export_job."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="A base model from GET /v1/models.")
-    fine_tuning_job: str | None = Field(None, description="A succeeded fine-tuning job: its adapter.")
-    checkpoint: str | int | None = Field(
-        None, description="With fine_tuning_job: a checkpoint id (ftckpt-...) or step number instead of the result."
-    )
-    export_job: str | None = Field(None, description="A succeeded export job: its ONNX package.")
-    adapter: str | None = Field(None, description="With export_job: the adapter of a multi-adapter package, by name.")
-    name: str | None = Field(None, min_length=1, max_length=100, description="How the report names this target.")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> TargetRequest:
-        given = [k for k in ("model", "fine_tuning_job", "export_job") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of model, fine_tuning_job or export_job")
-        if self.checkpoint is not None and self.fine_tuning_job is None:
-            raise ValueError("checkpoint goes with fine_tuning_job")
-        if self.adapter is not None and self.export_job is None:
-            raise ValueError("adapter goes with export_job")
-        return self
-
-
-class CreateEvaluation(EvaluationSettings):
-    evaluation_file: str = Field(description="Id of an uploaded JSONL (purpose fine-tune) to score the targets on.")
-    targets: list[str | dict[str, Any]] = Field(
-        min_length=1,
-        max_length=MAX_TARGETS,
-        description="What to score, in report order; differences are against the first. Each is an object "
-        "({model} | {fine_tuning_job, checkpoint?} | {export_job, adapter?}, plus an optional name) or a string: a "
-        "model name, a fine-tuning or export job id, or a checkpoint id.",
-    )
-    metadata: dict[str, str] | None = Field(None, max_length=16)
 
 
 class Progress(BaseModel):

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from api.schemas.fine_tuning import FineTuningJobEventObject, Progress
-from jobs.export_spec import ExportOptions, ExportSource
 from models.base import unix
 from models.job import Job
-
-
-class CreateExport(ExportOptions):
-    """POST /v1/exports: a source plus the export options (precision, provider, adapter mode, ...)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: ExportSource = Field(description="The base model, and the fine-tuning jobs whose adapters to export.")
-    metadata: dict[str, str] | None = Field(None, max_length=16, description="Free-form labels kept on the job.")
 
 
 class JobError(BaseModel):

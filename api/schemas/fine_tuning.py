@@ -2,60 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas.common import JobEventObject
-from jobs.evaluation_spec import EvaluationSettings
-from jobs.export_spec import ExportOptions
-from jobs.fine_tune_spec import Hyperparameters, TrainingOptions
+from jobs.fine_tune_spec import TrainingOptions
 from models.base import unix
 from models.job import Checkpoint, Job, JobEvent
-
-
-class SupervisedMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-
-
-class Method(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = Field("supervised", description="Only supervised fine-tuning is offered.")
-    supervised: SupervisedMethod | None = None
-
-
-class CreateFineTuningJob(TrainingOptions):
-    """OpenAI's create request; the fields of TrainingOptions (adapter, max_steps, lr_scheduler, packing, ...)
-    are Grove's extensions, sent by the SDK via `extra_body`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="Base model name from GET /v1/models.")
-    training_file: str = Field(description="Id of an uploaded file with purpose fine-tune.")
-    validation_file: str | None = Field(None, description="Id of an uploaded file for validation loss.")
-    hyperparameters: Hyperparameters | None = Field(
-        None, description="Deprecated by OpenAI in favour of method.supervised.hyperparameters; still read."
-    )
-    method: Method | None = None
-    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = Field(None, max_length=16)
-    integrations: list[Any] | None = Field(None, max_length=0, description="Not supported; must be empty.")
-
-    # Grove extensions whose default depends on the model or on another job.
-    max_seq_len: int | None = Field(
-        None, ge=16, le=32768, description="Tokens per example (default 512, or the model's context if shorter)."
-    )
-    export: ExportOptions | None = Field(None, description="Export to ONNX on success (a child export job).")
-    evaluation: EvaluationSettings | None = Field(
-        None, description="Evaluate on the validation_file on success (a child evaluation job, base vs adapter)."
-    )
-
-    def effective_hyperparameters(self) -> Hyperparameters:
-        if self.method and self.method.supervised:
-            return self.method.supervised.hyperparameters
-        return self.hyperparameters or Hyperparameters()
 
 
 class JobError(BaseModel):

@@ -7,18 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from api.schemas.common import JobEventObject
-from api.schemas.fine_tuning import CreateFineTuningJob
-from jobs.sweep_spec import SweepSettings
 from models.base import unix
 from models.job import Job
-
-
-class CreateSweep(SweepSettings):
-    fine_tuning: CreateFineTuningJob = Field(
-        description="The base fine-tuning request (the body of POST /v1/fine_tuning/jobs); each trial is this "
-        "request with the searched parameters set."
-    )
-    metadata: dict[str, str] | None = Field(None, max_length=16)
 
 
 class Trial(BaseModel):

@@ -1,21 +1,21 @@
-"""Export jobs: creation (sources and options checked up front), reads, cancel. Never commits."""
+"""Export jobs: reads and cancel; creation is jobs.export's. Never commits."""
 
 from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from api.schemas.exports import CreateExport
 from api.services import jobs
-from jobs.export_spec import KIND, ExportOptions, build_spec, enqueue_export
+from jobs import export
+from jobs.export_spec import CreateExport
 from models.job import Job, JobEvent
+from models.job_kind import JobKind
 from models.project import Project
+
+KIND = JobKind.export
 
 
 def create(session: Session, project: Project, request: CreateExport) -> Job:
-    options = ExportOptions.model_validate(request.model_dump(include=set(ExportOptions.model_fields)))
-    spec = build_spec(session, project.id, request.source, options)
-    jobs.check_room(session, project)
-    return enqueue_export(session, project.id, spec, metadata=request.metadata)
+    return export.create(session, project.id, request)
 
 
 def get(session: Session, project: Project, job_id: str) -> Job:

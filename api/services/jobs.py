@@ -1,49 +1,21 @@
-"""Operations every job kind shares: lookup, listing, cancel, events. Never commits.
+"""Reads every job kind shares: lookup, listing, events, reports; cancel delegates to jobs.lifecycle. Never commits.
 
-Each kind's service (fine_tuning, and later exports, evaluations, sweeps) passes its `kind`, so a job
-is only ever found through its own resource path.
+Each kind's service (fine_tuning, exports, evaluations, sweeps) passes its `kind`, so a job is only ever found
+through its own resource path.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from api.services.pagination import page
-from models.config import get_settings
-from models.errors import Conflict, InvalidRequest, NotFound, TooManyJobs
+from jobs import lifecycle
+from models.errors import InvalidRequest, NotFound
 from models.file import File
 from models.job import Job, JobEvent
-from models.job_status import TERMINAL, JobStatus
+from models.job_kind import JobKind
 from models.project import Project
-from models.transitions import switch_job_status
-
-# How each kind is named in messages and in the `param` of a 404.
-KIND_NAMES = {
-    "fine_tune": ("fine-tuning job", "fine_tuning_job_id"),
-    "export": ("export job", "export_id"),
-    "evaluation": ("evaluation job", "evaluation_id"),
-    "sweep": ("sweep", "sweep_id"),
-}
-
-
-def unfinished_count(session: Session, project_id: str) -> int:
-    """Jobs of every kind the project holds that have not reached a terminal status."""
-    return session.scalar(
-        select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.not_in(sorted(TERMINAL)))
-    )
-
-
-def check_room(session: Session, project: Project) -> None:
-    """Refuse (429 too_many_jobs) a new job of any kind when the project is at its unfinished-jobs limit."""
-    limit = get_settings().max_queued_jobs_per_project
-    active = unfinished_count(session, project.id)
-    if active >= limit:
-        raise TooManyJobs(
-            f"This project already has {active} unfinished jobs (limit {limit}, GROVE_MAX_QUEUED_JOBS_PER_PROJECT); "
-            "wait for some to finish or cancel them."
-        )
-
 
 # Built once: this is the status poll's query, and building a statement and its cache key on every call is
 # a measurable part of a poll.
@@ -55,8 +27,7 @@ _GET_JOB = select(Job).where(
 def get(session: Session, project: Project, job_id: str, kind: str) -> Job:
     job = session.scalar(_GET_JOB, {"job_id": job_id, "project_id": project.id, "kind": kind})
     if job is None:
-        name, param = KIND_NAMES.get(kind, (f"{kind} job", "job_id"))
-        raise NotFound(name, job_id, param=param)
+        raise NotFound(JobKind(kind).label, job_id, param=JobKind(kind).id_param)
     return job
 
 
@@ -77,29 +48,13 @@ def result_file(session: Session, project: Project, job_id: str, kind: str) -> F
     if job.result_files:
         file = session.scalar(select(File).where(File.id == job.result_files[0], File.project_id == project.id))
     if file is None:
-        name, param = KIND_NAMES.get(kind, (f"{kind} job", "job_id"))
-        raise NotFound(f"report of {name}", job.id, param=param)
+        raise NotFound(f"report of {JobKind(kind).label}", job.id, param=JobKind(kind).id_param)
     return file
 
 
 def cancel(session: Session, project: Project, job_id: str, kind: str) -> Job:
     """Cancel a job; cancelling one that is already cancelled or cancelling returns it unchanged."""
-    job = get(session, project, job_id, kind)
-    # A job that has not started stops at once; a running one is asked, and its worker stops it at
-    # its next safe point (between two training steps).
-    switch_job_status(
-        session,
-        job.id,
-        JobStatus.cancelled,
-        only_from={JobStatus.validating_files, JobStatus.queued},
-        message="Job cancelled before it started.",
-    ) or switch_job_status(session, job.id, JobStatus.cancelling, only_from={JobStatus.running})
-    session.flush()
-    session.refresh(job)
-    if job.status in (JobStatus.succeeded, JobStatus.failed):
-        _, param = KIND_NAMES.get(kind, (kind, "job_id"))
-        raise Conflict(f"Job {job.id} has already {job.status}; it cannot be cancelled.", param=param)
-    return job
+    return lifecycle.cancel(session, get(session, project, job_id, kind))
 
 
 def event_cursor(after: str | None) -> int | None:

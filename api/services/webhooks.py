@@ -120,7 +120,7 @@ def send_test(session: Session, project: Project, endpoint_id: str, event_type: 
     """POST a sample event now and return the endpoint's status code. Not recorded as a delivery."""
     import httpx
 
-    from worker.webhooks import post
+    from models.webhook_signing import post
 
     event_type = _check_event_types([event_type], param="event_type")[0]
     endpoint = get(session, project, endpoint_id)

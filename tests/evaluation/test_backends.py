@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.evaluation_data import EvalItem
 from jobs.evaluation_spec import GenerationSettings
 from models.datasets import PromptCompletionExample
 from tests.conftest import emotion_rows
-from worker.eval_data import EvalItem, loss_row, prompt_ids
+from worker.eval_data import loss_row, prompt_ids
 
 EXAMPLES = [("Text: i feel sad\nEmotion:", " sadness"), ("2+2=", " 4"), ("Hello", " world, again")]
 

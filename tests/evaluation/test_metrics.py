@@ -6,10 +6,10 @@ import math
 
 import pytest
 
+from jobs.evaluation_data import label_set, read_items, split_record
 from jobs.evaluation_spec import EvaluationSettings, LabelSettings, Normalization
 from models.errors import InvalidRequest
 from tests.conftest import write_jsonl
-from worker.eval_data import label_set, read_items, split_template
 from worker.eval_metrics import (
     TokenScores,
     bleu_score,
@@ -118,9 +118,9 @@ def test_comparison_rows_are_differences_against_the_first_target():
 
 def test_template_splits_before_its_last_field():
     record = {"text": "i am happy", "label": "joy"}
-    assert split_template("Text: {text}\nEmotion: {label}", record, 1) == ("Text: i am happy\nEmotion:", " joy", "joy")
-    assert split_template("{{x}} {text} -> {label}.", record, 1) == ("{x} i am happy ->", " joy.", "joy")
-    assert split_template("{label!r} or {label}", record, 1) == ("'joy' or", " joy", "joy")
+    assert split_record("Text: {text}\nEmotion: {label}", record, 1) == ("Text: i am happy\nEmotion:", " joy", "joy")
+    assert split_record("{{x}} {text} -> {label}.", record, 1) == ("{x} i am happy ->", " joy.", "joy")
+    assert split_record("{label!r} or {label}", record, 1) == ("'joy' or", " joy", "joy")
 
 
 def test_items_of_each_shape(tmp_path):
