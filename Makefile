@@ -31,11 +31,14 @@ run: install migrate models
 
 test: install test-models
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
+# ruff, and the layering contracts of pyproject.toml's [tool.importlinter] (jobs/ below api/ and worker/).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix .

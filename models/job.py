@@ -7,11 +7,13 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, UTCDateTime, utcnow
 from models.ids import new_id
+from models.job_kind import JobKind
 from models.job_status import JobStatus
 
 
 class Job(Base):
-    """A unit of queued work. `kind` says which worker stage runs it ("fine_tune" today)."""
+    """A unit of queued work. `kind` (a JobKind) says whose rules made it (jobs/<kind>.py) and which worker stage
+    runs it."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -21,7 +23,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftjob"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(32), default="fine_tune")
+    kind: Mapped[str] = mapped_column(String(32), default=JobKind.fine_tune)
     # The Celery queue chosen at creation; every (re)publish of this job goes there.
     queue: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(100))

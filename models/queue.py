@@ -16,11 +16,17 @@ from sqlalchemy.orm import Session
 from models.base import utcnow
 from models.config import get_settings
 from models.job import Job
+from models.job_kind import JobKind
 from models.job_status import JobStatus
 
 log = logging.getLogger(__name__)
 
-TASK_FOR_KIND = {"fine_tune": "grove.fine_tune", "export": "grove.export", "evaluation": "grove.evaluation"}
+# A sweep has no task: no worker runs it, the reconciler advances it (worker/sweep.py).
+TASK_FOR_KIND = {
+    JobKind.fine_tune: "grove.fine_tune",
+    JobKind.export: "grove.export",
+    JobKind.evaluation: "grove.evaluation",
+}
 RECONCILE_TASK = "grove.reconcile"
 WEBHOOKS_TASK = "grove.send_webhooks"
 
@@ -50,7 +56,7 @@ def get_celery() -> Celery:
         broker_transport_options=_transport_options(settings.broker_url, settings.visibility_timeout_seconds),
         task_default_queue=settings.fine_tune_queue,
         task_routes={
-            TASK_FOR_KIND["fine_tune"]: {"queue": settings.fine_tune_queue},
+            TASK_FOR_KIND[JobKind.fine_tune]: {"queue": settings.fine_tune_queue},
             # The beat's periodic tasks go to a queue that a CPU worker serves, never behind a long job.
             RECONCILE_TASK: {"queue": settings.maintenance_queue},
             WEBHOOKS_TASK: {"queue": settings.maintenance_queue},

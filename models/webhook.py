@@ -17,15 +17,16 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.base import Base, UTCDateTime, unix, utcnow
 from models.ids import new_id
+from models.job_kind import JobKind
 from models.job_status import JobStatus
 
 # The object named in the event type for each job kind: "fine_tuning.job.succeeded" is OpenAI's; the
 # others are Grove's own, shaped the same way.
 EVENT_OBJECT_FOR_KIND = {
-    "fine_tune": "fine_tuning.job",
-    "export": "export.job",
-    "evaluation": "evaluation.job",
-    "sweep": "sweep.job",
+    JobKind.fine_tune: "fine_tuning.job",
+    JobKind.export: "export.job",
+    JobKind.evaluation: "evaluation.job",
+    JobKind.sweep: "sweep.job",
 }
 OUTCOMES = ("succeeded", "failed", "cancelled")
 EVENT_TYPES = tuple(f"{obj}.{outcome}" for obj in EVENT_OBJECT_FOR_KIND.values() for outcome in OUTCOMES)

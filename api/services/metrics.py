@@ -19,6 +19,7 @@ from models.base import utcnow
 from models.config import get_settings
 from models.db import session_scope
 from models.job import Job
+from models.job_kind import JobKind
 from models.job_status import TERMINAL, JobStatus
 from models.webhook import WebhookDelivery
 from models.worker_heartbeat import WorkerHeartbeat
@@ -120,8 +121,8 @@ class GroveCollector:
             jobs.add_metric([kind, str(status)], count)
             seen.add((kind, str(status)))
         for status in JobStatus:
-            if ("fine_tune", str(status)) not in seen:
-                jobs.add_metric(["fine_tune", str(status)], 0)
+            if (JobKind.fine_tune, str(status)) not in seen:
+                jobs.add_metric([JobKind.fine_tune, str(status)], 0)
         yield jobs
 
         queued_jobs = GaugeMetricFamily(
@@ -171,7 +172,7 @@ class GroveCollector:
         for kind, total in tokens:
             trained.add_metric([kind], int(total))
         if not tokens:
-            trained.add_metric(["fine_tune"], 0)
+            trained.add_metric([JobKind.fine_tune], 0)
         yield trained
 
         last_seen = GaugeMetricFamily(
