@@ -15,6 +15,7 @@ from api.schemas.fine_tuning import (
 from api.services import event_stream, idempotency
 from api.services import fine_tuning as jobs
 from jobs.fine_tune_spec import CreateFineTuningJob
+from models.job_kind import JobKind
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=1000)]
@@ -69,7 +70,7 @@ async def list_events(
     def run(session, project):
         if stream:
             render = lambda event: FineTuningJobEventObject.from_row(event).model_dump(mode="json")  # noqa: E731
-            return event_stream.open_stream(session, project, job_id, jobs.KIND, last_event_id or after, render)
+            return event_stream.open_stream(session, project, job_id, JobKind.fine_tune, last_event_id or after, render)
         rows, has_more = jobs.list_events(session, project, job_id, after, limit)
         return ListObject.of([FineTuningJobEventObject.from_row(r) for r in rows], has_more)
 

@@ -5,7 +5,7 @@ from typing import Generic, Literal, TypeVar
 from pydantic import BaseModel
 
 from models.base import unix
-from models.job import JobEvent
+from models.job import Job, JobEvent
 
 T = TypeVar("T")
 
@@ -23,6 +23,18 @@ class ListObject(BaseModel, Generic[T]):
     def of(cls, items: list[T], has_more: bool) -> ListObject[T]:
         ids = [getattr(item, "id", None) for item in items]
         return cls(data=items, has_more=has_more, first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None)
+
+
+def job_times(job: Job) -> dict:
+    """The fields every kind's job object takes from the row alike: id, status, base model and timestamps."""
+    return {
+        "id": job.id,
+        "created_at": unix(job.created_at),
+        "started_at": unix(job.started_at),
+        "finished_at": unix(job.finished_at),
+        "status": job.status,
+        "model": job.model,
+    }
 
 
 class JobEventObject(BaseModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from api.schemas.common import JobEventObject
+from api.schemas.common import JobEventObject, job_times
 from models.base import unix
 from models.job import Job
 
@@ -44,13 +44,8 @@ class EvaluationObject(BaseModel):
         spec = dict(job.spec)
         total = job.total_steps
         return cls(
-            id=job.id,
-            created_at=unix(job.created_at),
-            started_at=unix(job.started_at),
-            finished_at=unix(job.finished_at),
-            status=job.status,
+            **job_times(job),
             error=job.error,
-            model=job.model,
             evaluation_file=spec["evaluation_file"],
             targets=spec["targets"],
             metrics=spec["metrics"],

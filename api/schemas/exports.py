@@ -6,16 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from api.schemas.fine_tuning import FineTuningJobEventObject, Progress
-from models.base import unix
+from api.schemas.common import job_times
+from api.schemas.fine_tuning import FineTuningJobEventObject, JobError, Progress
 from models.job import Job
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-    param: str | None = None
-    type: str | None = Field(None, description="user_error (bad spec or data) or system_error.")
 
 
 class ExportJobObject(BaseModel):
@@ -46,14 +39,9 @@ class ExportJobObject(BaseModel):
         spec = job.spec
         total = job.total_steps
         return cls(
-            id=job.id,
-            created_at=unix(job.created_at),
-            started_at=unix(job.started_at),
-            finished_at=unix(job.finished_at),
-            status=job.status,
+            **job_times(job),
             error=JobError(**job.error) if job.error else None,
             organization_id=job.project_id,
-            model=job.model,
             adapters=spec.get("adapters", []),
             precision=spec["precision"],
             execution_provider=spec["execution_provider"],

@@ -6,8 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from api.schemas.common import JobEventObject
-from models.base import unix
+from api.schemas.common import JobEventObject, job_times
 from models.job import Job
 
 
@@ -80,13 +79,8 @@ class SweepObject(BaseModel):
         num_trials = spec["num_trials"]
         objective = dict(spec["objective"]) | {"direction": spec["direction"]}
         return cls(
-            id=job.id,
-            created_at=unix(job.created_at),
-            started_at=unix(job.started_at),
-            finished_at=unix(job.finished_at),
-            status=job.status,
+            **job_times(job),
             error=job.error,
-            model=job.model,
             training_file=job.training_file_id,
             validation_file=spec["fine_tuning"].get("validation_file"),
             strategy=spec["strategy"],

@@ -4,41 +4,17 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from api.services import jobs
+from api.services.jobs import KindReads
 from jobs import evaluation
 from jobs.evaluation_spec import CreateEvaluation
-from models.file import File
-from models.job import Job, JobEvent
+from models.job import Job
 from models.job_kind import JobKind
 from models.project import Project
 
-KIND = JobKind.evaluation
+_reads = KindReads(JobKind.evaluation)
+get, list_evaluations, cancel, list_events = _reads.get, _reads.list, _reads.cancel, _reads.list_events
+report_file = _reads.report_file
 
 
 def create(session: Session, project: Project, request: CreateEvaluation) -> Job:
     return evaluation.create(session, project, request)
-
-
-def get(session: Session, project: Project, job_id: str) -> Job:
-    return jobs.get(session, project, job_id, KIND)
-
-
-def list_evaluations(
-    session: Session, project: Project, after: str | None, limit: int, parent_id: str | None = None
-) -> tuple[list[Job], bool]:
-    return jobs.list_of_kind(session, project, KIND, after, limit, parent_id)
-
-
-def cancel(session: Session, project: Project, job_id: str) -> Job:
-    return jobs.cancel(session, project, job_id, KIND)
-
-
-def list_events(
-    session: Session, project: Project, job_id: str, after: str | None, limit: int
-) -> tuple[list[JobEvent], bool]:
-    return jobs.list_events(session, project, job_id, KIND, after, limit)
-
-
-def report_file(session: Session, project: Project, job_id: str) -> File:
-    """The published report of a finished evaluation (404 until there is one)."""
-    return jobs.result_file(session, project, job_id, KIND)

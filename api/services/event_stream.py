@@ -1,6 +1,6 @@
 """Server-Sent Events for a job's events: `GET .../events?stream=true`.
 
-- Sends the job's events oldest first, each as `id: <event id>` + `data: <event object as JSON>`; a
+- Sends the job's events oldest first, each as `data: <event object as JSON>` + `id: <event id>`; a
   reconnect with `Last-Event-ID` (or `?after=`) resumes right after that event.
 - Sends a `: heartbeat` comment when nothing else went out for `sse_heartbeat_seconds` (15 s), so
   proxies keep the connection open and a client notices a dead one.
@@ -10,6 +10,10 @@ No gaps, no duplicates: event ids come from one sequence, but a transaction can 
 later id became visible. An event is therefore held back until it is `SETTLE_SECONDS` old (transactions
 that write events are short), except once the job is terminal: its terminal event is written in the
 transaction that ends the job, so every event of the job is visible by then.
+
+Frames are written by FastAPI's own SSE encoder (`fastapi.sse`). Its keep-alive only runs for a path
+operation that is itself a generator; this route answers either a JSON page or a stream, so it returns
+the response itself and sends its own heartbeat.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -28,12 +32,14 @@ from models.base import utcnow
 from models.config import get_settings
 from models.db import get_sessionmaker
 from models.job import Job, JobEvent
+from models.job_kind import JobKind
 from models.job_status import JobStatus
 from models.project import Project
 
 POLL_SECONDS = 0.5
 SETTLE_SECONDS = 0.5
 BATCH = 500
+RECONNECT_MILLISECONDS = 2000
 
 
 def _read(job_id: str, after: int | None) -> tuple[bool, list[JobEvent]]:
@@ -51,21 +57,18 @@ def _read(job_id: str, after: int | None) -> tuple[bool, list[JobEvent]]:
     return terminal, events
 
 
-def sse_message(event_id: str, data: dict) -> str:
-    return f"id: {event_id}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 async def job_event_stream(
     job_id: str, after: int | None, render: Callable[[JobEvent], dict], heartbeat: float | None = None
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     heartbeat = heartbeat or get_settings().sse_heartbeat_seconds
     loop = asyncio.get_running_loop()
-    yield "retry: 2000\n\n"
+    yield format_sse_event(retry=RECONNECT_MILLISECONDS)
     last_sent = loop.time()
     while True:
         terminal, events = await run_in_threadpool(_read, job_id, after)
         for event in events:
-            yield sse_message(event.public_id, render(event))
+            data = json.dumps(render(event), separators=(",", ":"))
+            yield format_sse_event(data_str=data, id=event.public_id)
             after = event.id
             last_sent = loop.time()
         if len(events) == BATCH:
@@ -73,22 +76,21 @@ async def job_event_stream(
         if terminal:
             return
         if loop.time() - last_sent >= heartbeat:
-            yield ": heartbeat\n\n"
+            yield format_sse_event(comment="heartbeat")
             last_sent = loop.time()
         await asyncio.sleep(min(POLL_SECONDS, heartbeat))
 
 
-def stream_response(job_id: str, after: int | None, render: Callable[[JobEvent], dict]) -> StreamingResponse:
-    return StreamingResponse(
+def stream_response(job_id: str, after: int | None, render: Callable[[JobEvent], dict]) -> EventSourceResponse:
+    return EventSourceResponse(
         job_event_stream(job_id, after, render),
-        media_type="text/event-stream",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
 
 
 def open_stream(
-    session: Session, project: Project, job_id: str, kind: str, resume_after: str | None, render: Callable
-) -> StreamingResponse:
+    session: Session, project: Project, job_id: str, kind: JobKind, resume_after: str | None, render: Callable
+) -> EventSourceResponse:
     """Check the job is the project's (404 otherwise) and the cursor is an event id (400), then stream."""
     from api.services import jobs
 

@@ -4,35 +4,16 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from api.services import jobs
+from api.services.jobs import KindReads
 from jobs import export
 from jobs.export_spec import CreateExport
-from models.job import Job, JobEvent
+from models.job import Job
 from models.job_kind import JobKind
 from models.project import Project
 
-KIND = JobKind.export
+_reads = KindReads(JobKind.export)
+get, list_exports, cancel, list_events = _reads.get, _reads.list, _reads.cancel, _reads.list_events
 
 
 def create(session: Session, project: Project, request: CreateExport) -> Job:
     return export.create(session, project.id, request)
-
-
-def get(session: Session, project: Project, job_id: str) -> Job:
-    return jobs.get(session, project, job_id, KIND)
-
-
-def list_exports(
-    session: Session, project: Project, after: str | None, limit: int, parent_id: str | None = None
-) -> tuple[list[Job], bool]:
-    return jobs.list_of_kind(session, project, KIND, after, limit, parent_id)
-
-
-def cancel(session: Session, project: Project, job_id: str) -> Job:
-    return jobs.cancel(session, project, job_id, KIND)
-
-
-def list_events(
-    session: Session, project: Project, job_id: str, after: str | None, limit: int
-) -> tuple[list[JobEvent], bool]:
-    return jobs.list_events(session, project, job_id, KIND, after, limit)

@@ -6,6 +6,8 @@ through its own resource path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
@@ -72,3 +74,30 @@ def list_events(
     job = get(session, project, job_id, kind)
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
     return page(session, stmt, JobEvent.id, event_cursor(after), limit)
+
+
+@dataclass(frozen=True)
+class KindReads:
+    """The reads and the cancel of one kind's resource path, bound to its kind (a job is only found there)."""
+
+    kind: JobKind
+
+    def get(self, session: Session, project: Project, job_id: str) -> Job:
+        return get(session, project, job_id, self.kind)
+
+    def list(
+        self, session: Session, project: Project, after: str | None, limit: int, parent_id: str | None = None
+    ) -> tuple[list[Job], bool]:
+        return list_of_kind(session, project, self.kind, after, limit, parent_id)
+
+    def cancel(self, session: Session, project: Project, job_id: str) -> Job:
+        return cancel(session, project, job_id, self.kind)
+
+    def list_events(
+        self, session: Session, project: Project, job_id: str, after: str | None, limit: int
+    ) -> tuple[list[JobEvent], bool]:
+        return list_events(session, project, job_id, self.kind, after, limit)
+
+    def report_file(self, session: Session, project: Project, job_id: str) -> File:
+        """The published report of a finished job (404 until there is one)."""
+        return result_file(session, project, job_id, self.kind)
