@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from models.file import File
 from models.ids import new_id
-from models.storage import delete_on_rollback, get_storage
+from models.storage import StagedBlob, delete_on_rollback, get_storage
 
 RESULTS_PURPOSE = "fine-tune-results"
 
@@ -33,7 +33,14 @@ def publish_file(
         sha256=staged.sha256,
         job_id=job_id,
     )
-    file.storage_key = storage.key_for(project_id, file.id)
+    return add_stored_file(session, staged, file)
+
+
+def add_stored_file(session: Session, staged: StagedBlob, file: File) -> File:
+    """Move a staged copy to its key in the store and add the file's row; if the transaction rolls back, the
+    stored copy goes too. A staged copy that cannot be stored is discarded."""
+    storage = get_storage()
+    file.storage_key = storage.key_for(file.project_id, file.id)
     try:
         storage.commit(staged, file.storage_key)
     except BaseException:

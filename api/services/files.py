@@ -17,7 +17,8 @@ from models.ids import new_id
 from models.job import Job
 from models.job_status import TERMINAL
 from models.project import Project
-from models.storage import delete_after_commit, delete_on_rollback, get_storage
+from models.results import add_stored_file
+from models.storage import delete_after_commit, get_storage
 
 UPLOAD_PURPOSES = {"fine-tune"}
 
@@ -63,15 +64,11 @@ def upload(
             n_examples=summary.n_examples,
             fields=summary.fields,
         )
-        file.storage_key = storage.key_for(project.id, file.id)
-        storage.commit(staged, file.storage_key)
     except BaseException:
         storage.discard(staged)
         raise
     # If the request's transaction does not commit, the stored copy goes with it.
-    delete_on_rollback(session, file.storage_key)
-    session.add(file)
-    session.flush()
+    add_stored_file(session, staged, file)
     claim.complete(file.id)
     return file
 
