@@ -1,8 +1,10 @@
 """`grove`: the command-line client of the HTTP API, plus the operator commands.
 
 Client commands (files, finetune, jobs, download, models, configure) talk to a server over HTTP only;
-see api/cli/http.py for where the URL and key come from. Operator commands (keys create/list/revoke,
-bootstrap, reconcile) talk to the database directly and run where the server's configuration is.
+see api/cli/http.py for where the URL and key come from. Each command group has its module (files.py,
+finetune.py, job_commands.py, download.py, server.py), on the shared helpers of common.py. Operator
+commands (keys create/list/revoke, bootstrap, reconcile) talk to the database directly and run where the
+server's configuration is.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from api.cli import admin, client
+from api.cli import admin, download, files, finetune, job_commands, server
 
 app = typer.Typer(
     help="Grove: fine-tune small language models on your own machines.",
@@ -34,12 +36,12 @@ def main(
     ctx.obj = {"base_url": base_url, "api_key": api_key}
 
 
-app.add_typer(client.files, name="files")
-app.add_typer(client.finetune, name="finetune")
-app.add_typer(client.jobs, name="jobs")
-app.add_typer(client.models, name="models")
-app.command("download")(client.download)
-app.command("configure")(client.configure)
+app.add_typer(files.files, name="files")
+app.add_typer(finetune.finetune, name="finetune")
+app.add_typer(job_commands.jobs, name="jobs")
+app.add_typer(server.models, name="models")
+app.command("download")(download.download)
+app.command("configure")(server.configure)
 app.add_typer(admin.keys, name="keys")
 app.command("bootstrap")(admin.bootstrap)
 app.command("reconcile")(admin.reconcile)

@@ -1,6 +1,6 @@
 """Following a job live: its Server-Sent Events stream, drawn as a progress bar (or printed as JSON lines).
 
-The stream (`GET .../events?stream=true`) is read with httpx; a dropped connection is resumed with
+The stream (`GET .../events?stream=true`) is read with httpx-sse; a dropped connection is resumed with
 `Last-Event-ID`, so no event is shown twice or missed. The server closes the stream after the job's
 terminal event; the final job object is then read once more for its status and error.
 """
@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
+from httpx_sse import EventSource, ServerSentEvent, connect_sse
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.text import Text
@@ -31,38 +32,32 @@ class SseEvent:
     data: dict
 
 
-def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent | None]:
-    """Yield each event; None for a comment (a heartbeat), so the caller can tell the stream is alive."""
-    event_id, data = None, []
-    for line in lines:
-        if line == "":
-            if data:
-                yield SseEvent(event_id, json.loads("\n".join(data)))
-            event_id, data = None, []
-        elif line.startswith(":"):
-            yield None
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "id":
-                event_id = value
-            elif name == "data":
-                data.append(value)
+def _job_event(frame: ServerSentEvent) -> SseEvent | None:
+    """The job event a frame carries; None for a frame without data (the server's reconnect delay)."""
+    return SseEvent(frame.id or None, frame.json()) if frame.data else None
 
 
-def stream_events(client: Client, job_path: str, after: str | None = None) -> Iterator[SseEvent | None]:
+def parse_sse(lines: Iterable[str]) -> Iterator[SseEvent]:
+    """The job events in the lines of a stream that was opened by other means (the tests, the benches)."""
+    body = (f"{line}\n".encode() for line in lines)
+    source = EventSource(httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body))
+    return (event for frame in source.iter_sse() if (event := _job_event(frame)) is not None)
+
+
+def stream_events(client: Client, job_path: str, after: str | None = None) -> Iterator[SseEvent]:
     """Every event of the job from `after` on, across reconnects, until the server ends the stream."""
     last_id, failures = after, 0
     while True:
-        headers = {"accept": "text/event-stream"} | ({"last-event-id": last_id} if last_id else {})
         try:
-            with client.http.stream(
+            with connect_sse(
+                client.http,
                 "GET",
                 f"{job_path}/events",
                 params={"stream": "true"},
-                headers=headers,
+                headers={"last-event-id": last_id} if last_id else {},
                 timeout=httpx.Timeout(10.0, read=60.0),
-            ) as response:
+            ) as source:
+                response = source.response
                 if not response.is_success:
                     response.read()
                     client.raise_for(response)
@@ -71,11 +66,12 @@ def stream_events(client: Client, job_path: str, after: str | None = None) -> It
                     response.read()
                     yield from poll_events(client, job_path, last_id)
                     return
-                for event in parse_sse(response.iter_lines()):
+                for frame in source.iter_sse():
+                    # Any frame, the first being the reconnect delay, shows the server is answering again.
                     failures = 0
-                    if event is not None and event.id:
-                        last_id = event.id
-                    yield event
+                    if (event := _job_event(frame)) is not None:
+                        last_id = event.id or last_id
+                        yield event
             return  # the server closed the stream after the terminal event
         except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
             failures += 1
@@ -110,7 +106,7 @@ def poll_events(client: Client, job_path: str, after: str | None, interval: floa
         time.sleep(interval)
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-:--"
     seconds = int(max(seconds, 0))
@@ -141,7 +137,7 @@ class View:
         self.total = progress.get("total_steps") or self.total
         finish = job.get("estimated_finish")
         if finish and self.status == "running":
-            self.eta = _duration(finish - time.time())
+            self.eta = duration(finish - time.time())
 
     def update_from_event(self, event: dict) -> None:
         data = event.get("data") or {}
@@ -162,7 +158,7 @@ class View:
             if data.get("tokens_per_second") is not None:
                 self.tokens_per_second = f"{data['tokens_per_second']:,.0f}"
             if data.get("eta_seconds") is not None:
-                self.eta = _duration(data["eta_seconds"])
+                self.eta = duration(data["eta_seconds"])
         if self.status in TERMINAL:
             self.eta = "0:00"
 
@@ -172,9 +168,8 @@ def follow(client: Client, job_path: str, *, as_json: bool, show_history: bool =
     job = client.get(job_path)
     if as_json:
         for event in stream_events(client, job_path):
-            if event is not None:
-                sys.stdout.write(json.dumps(event.data) + "\n")
-                sys.stdout.flush()
+            sys.stdout.write(json.dumps(event.data) + "\n")
+            sys.stdout.flush()
         return client.get(job_path)
 
     console = Console(stderr=False, highlight=False)
@@ -191,8 +186,6 @@ def follow(client: Client, job_path: str, *, as_json: bool, show_history: bool =
     with Progress(*columns, console=console, transient=False, refresh_per_second=4) as bar:
         task = bar.add_task(job["id"], total=view.total, completed=view.step, **_fields(view))
         for event in stream_events(client, job_path):
-            if event is None:
-                continue
             data = event.data
             view.update_from_event(data)
             if data.get("event_type") != "metrics" and show_history:
