@@ -1,5 +1,9 @@
 """Checkpoints on the worker's disk: `work_dir/checkpoints/step-N`, each written whole or not at all, the last
-K plus the best kept, and the RNG states a resumed run needs to continue exactly where the killed one was."""
+K plus the best kept, and the RNG states a resumed run needs to continue exactly where the killed one was.
+
+A checkpoint holds the trained weights (as worker.model_setup.save_weights writes them) and STATE_FILE: the
+optimizer, RNG states, data position and the run's progress so far (worker.train_loop).
+"""
 
 from __future__ import annotations
 
@@ -51,6 +55,34 @@ def kept_checkpoints(existing: Sequence[int], new: int, best: int | None, keep: 
 
 def checkpoint_dir(work_dir: Path, step: int) -> Path:
     return Path(work_dir) / "checkpoints" / f"step-{step}"
+
+
+def save_checkpoint(work_dir: Path, step: int, kept: Sequence[int], write: Callable[[Path], None]) -> Path:
+    """Checkpoint `step`, filled by `write`, then every checkpoint not in `kept` deleted."""
+    path = save_atomically(checkpoint_dir(work_dir, step), write)
+    for old in checkpoint_steps(work_dir):
+        if old not in kept:
+            shutil.rmtree(checkpoint_dir(work_dir, old), ignore_errors=True)
+    return path
+
+
+def write_state(path: Path, state: dict) -> None:
+    import torch
+
+    torch.save(state, path / STATE_FILE)
+
+
+def read_state(path: Path, device) -> dict:
+    import torch
+
+    return torch.load(path / STATE_FILE, map_location=device, weights_only=False)
+
+
+def copy_weights(checkpoint: Path, dest: Path) -> None:
+    """The checkpoint's weight files (all but its state) into `dest`."""
+    for item in checkpoint.iterdir():
+        if item.is_file() and item.name != STATE_FILE:
+            shutil.copy2(item, dest / item.name)
 
 
 def rng_state() -> dict:

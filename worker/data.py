@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.fine_tune_spec import split_template
+from jobs.fine_tune_spec import split_at_completion_marker
 from models.datasets import ChatExample, Example, PromptCompletionExample, TextExample, read_examples
 
 IGNORE_INDEX = -100
@@ -196,7 +196,7 @@ def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int) -> T
 def read_training_examples(path: Path, text_template: str | None) -> list[Example]:
     """The file's examples. A text_template with the completion marker gives prompt/completion examples:
     the text before the marker is context, the text after it is trained on."""
-    parts = split_template(text_template)
+    parts = split_at_completion_marker(text_template)
     if parts is None:
         return read_examples(path, text_template)
     prompts = read_examples(path, parts[0])

@@ -27,7 +27,8 @@ from worker.data import (
     tokenizer_fingerprint,
 )
 from worker.model_setup import merge_model
-from worker.train import epoch_batches, lr_factor, train_adapter
+from worker.train import train_adapter
+from worker.train_plan import epoch_batches, lr_factor
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
@@ -157,7 +158,7 @@ def test_eager_attention_keeps_packed_examples_apart_in_the_loss(tiny_model_dir,
     """The trainer builds the additive block-diagonal mask eager attention needs; a packed micro-batch must
     give the loss of its examples run one at a time."""
     from worker.model_setup import build_model
-    from worker.train import _Trainer
+    from worker.train_step import Trainer as _Trainer
 
     spec = make_spec(max_seq_len=64)
     setup = build_model(spec, tiny_model_dir, torch.device("cpu"), "fp32", False, attn="eager")
