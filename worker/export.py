@@ -41,62 +41,50 @@ The manifest (`manifest.json`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
-import string
 from pathlib import Path
 
-from sqlalchemy import select, update
-
-from jobs.export_spec import FIXED_PROMPTS, ExportSpec
-from models.base import utcnow
+from jobs.export_spec import ExportSpec
 from models.config import get_settings
 from models.db import session_scope
 from models.errors import InvalidRequest
-from models.file import File
 from models.job import Job
 from models.job_status import JobStatus
-from models.model_store import load_options, resolve_model
+from models.model_store import resolve_model
 from models.results import publish_file
 from models.storage import get_storage
-from models.transitions import add_event, switch_job_status
+from models.transitions import add_event
 from worker.archives import pack_tar, unpack_tar
-from worker.lease import Lease, confirm_cancelled
+from worker.export_steps import MANIFEST, build_manifest, gate_checks, gate_message, gate_prompts
+from worker.lease import Lease
+from worker.stage_kit import (
+    StageProgress,
+    Stopped,
+    confirm_cancelled,
+    fail,
+    finish,
+    load_job,
+    project_file,
+    system_error,
+    write_under_lease,
+)
 
 log = logging.getLogger(__name__)
 
 RESULTS_PURPOSE = "export-results"
 PHASES = ["prepare", "build", "package", "verify", "publish"]
-MANIFEST = "manifest.json"
 
 
-class _Stopped(Exception):
-    pass
-
-
-class Progress:
+class Progress(StageProgress):
     """Phase events and step/total_steps on the job, written only while this worker holds the lease."""
 
-    def __init__(self, job_id: str, lease: Lease):
-        self.job_id = job_id
-        self.lease = lease
-
-    def update(self, session, **values) -> None:
-        session.execute(
-            update(Job)
-            .where(Job.id == self.job_id, Job.lease_owner == self.lease.owner)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-
     def phase(self, name: str, message: str, data: dict | None = None) -> None:
-        if self.lease.should_stop:
-            raise _Stopped()
+        self.check_stop()
         step = PHASES.index(name)
         with session_scope() as session:
-            self.update(session, step=step, total_steps=len(PHASES))
+            self.write(session, step=step, total_steps=len(PHASES))
             add_event(session, self.job_id, "info", message, data={"phase": name, "step": step} | (data or {}))
 
     def event(self, message: str, data: dict | None = None, level: str = "info") -> None:
@@ -104,16 +92,8 @@ class Progress:
             add_event(session, self.job_id, "warning" if level == "warning" else "info", message, data, level=level)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _stored_key(session, project_id: str, file_id: str, what: str) -> str:
-    file = session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
+    file = project_file(session, project_id, file_id)
     if file is None:
         raise InvalidRequest(f"The {what} file {file_id} was deleted before the export ran.", code="file_not_found")
     return file.storage_key
@@ -124,90 +104,12 @@ def _unpack(archive: Path, destination: Path) -> Path:
     return unpack_tar(archive, destination)
 
 
-# --- gate prompts --------------------------------------------------------------------------------
-
-
-def _first_records(path: Path, n: int) -> list[dict]:
-    records = []
-    with path.open("rb") as f:
-        for raw in f:
-            if raw.strip():
-                records.append(json.loads(raw))
-            if len(records) >= n:
-                break
-    return records
-
-
-def prompt_of(record: dict, text_template: str | None, chat_renderer) -> str | None:
-    """The part of an example before its answer: what a client would send to the model."""
-    if "messages" in record:
-        messages = record["messages"]
-        last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-        context = [{"role": m["role"], "content": m["content"]} for m in messages[:last_assistant]]
-        return chat_renderer(context) if context else None
-    if "prompt" in record:
-        return record.get("prompt")
-    if text_template:
-        # Cut the template before its last field ("{text} -> {label}" gives "<text> -> ").
-        fields = [name for _, name, _, _ in string.Formatter().parse(text_template) if name]
-        cut = text_template.rfind("{" + fields[-1]) if fields else -1
-        head = text_template[:cut] if cut > 0 else text_template
-        try:
-            return head.format_map(record)
-        except (KeyError, ValueError, IndexError):
-            return None
-    return None
-
-
-def gate_prompts(spec: ExportSpec, session, project_id: str, base_dir: Path) -> tuple[list[str], str]:
-    """The gate's prompts and where they came from."""
-    if spec.gate.prompts:
-        return list(spec.gate.prompts), "request"
-    n = spec.gate.n_prompts
-    if spec.adapters:
-        parent = session.get(Job, spec.adapters[0].fine_tuning_job)
-        parent_spec = (parent.spec or {}) if parent is not None else {}
-        for key in ("validation_file", "training_file"):
-            file_id = parent_spec.get(key)
-            if not file_id:
-                continue
-            file = session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
-            if file is None:
-                continue
-            renderer = _chat_renderer(base_dir)
-            with get_storage().local_copy(file.storage_key) as path:
-                records = _first_records(path, n)
-            prompts = [p for p in (prompt_of(r, parent_spec.get("text_template"), renderer) for r in records) if p]
-            if prompts:
-                return prompts, f"{key} {file_id}"
-    return FIXED_PROMPTS[:n], "fixed"
-
-
-def _chat_renderer(base_dir: Path):
-    loaded = []
-
-    def render(messages: list[dict]) -> str:
-        from transformers import AutoTokenizer
-
-        if not loaded:
-            loaded.append(AutoTokenizer.from_pretrained(str(base_dir), **load_options(base_dir.name, weights=False)))
-        tokenizer = loaded[0]
-        try:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception:  # no chat template: plain turns
-            return "\n".join(m["content"] for m in messages)
-
-    return render
-
-
 # --- the stage -----------------------------------------------------------------------------------
 
 
 def run(job_id: str, lease: Lease) -> None:
     with session_scope() as session:
-        job = session.get(Job, job_id)
-        session.expunge(job)
-        spec = ExportSpec.model_validate(job.spec)
+        job, spec = load_job(session, job_id, ExportSpec)
         archives = {a.name: _stored_key(session, job.project_id, a.file_id, "adapter") for a in spec.adapters}
     base = resolve_model(spec.model, param="source.model")
     work_dir = get_settings().work_dir.resolve() / job.id
@@ -216,8 +118,8 @@ def run(job_id: str, lease: Lease) -> None:
     progress = Progress(job.id, lease)
     try:
         _run(job, spec, base, archives, work_dir, progress, lease)
-    except _Stopped:
-        _finish_stopped(job, lease)
+    except Stopped:
+        confirm_cancelled(job.id, lease, "Export cancelled.")
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -265,9 +167,9 @@ def _run(job: Job, spec: ExportSpec, base, archives: dict[str, str], work_dir: P
         else:
             result = onnx_build.build(base.path, package, spec.precision, spec.execution_provider, **build_args)
     except onnx_build.BuildStopped:
-        raise _Stopped() from None
+        raise Stopped() from None
     except onnx_build.BuildFailed as exc:
-        _fail(job, lease, "export_build_failed", f"The ONNX build failed: {exc}")
+        fail(job.id, lease, system_error("export_build_failed", f"The ONNX build failed: {exc}"))
         return
     progress.event(f"Built in {result.seconds:.1f} s.", data={"phase": "build", "seconds": round(result.seconds, 2)})
 
@@ -289,11 +191,11 @@ def _run(job: Job, spec: ExportSpec, base, archives: dict[str, str], work_dir: P
                 raise onnx_package.PackageError("the built model has no LoRA MatMuls")
             adapter_inputs[first.name] = []
     except onnx_package.PackageError as exc:
-        _fail(job, lease, "export_package_failed", f"Packaging failed: {exc}")
+        fail(job.id, lease, system_error("export_package_failed", f"Packaging failed: {exc}"))
         return
 
     progress.phase("verify", f"Verifying against PyTorch on {len(prompts)} prompt(s) ({prompt_source}).")
-    checks = _checks(spec, mode)
+    checks = gate_checks(spec, mode)
     try:
         gate = onnx_gate.run_gate(
             package,
@@ -309,11 +211,11 @@ def _run(job: Job, spec: ExportSpec, base, archives: dict[str, str], work_dir: P
             should_stop=lambda: lease.should_stop,
         )
     except onnx_gate.GateStopped:
-        raise _Stopped() from None
+        raise Stopped() from None
     gate.report["prompt_source"] = prompt_source
     if not gate.passed:
         progress.event("Parity gate failed; nothing is published.", data=gate.report, level="warning")
-        _fail(job, lease, "parity_gate_failed", _gate_message(gate))
+        fail(job.id, lease, system_error("parity_gate_failed", gate_message(gate)))
         return
     progress.event(
         "Parity gate passed: "
@@ -322,102 +224,10 @@ def _run(job: Job, spec: ExportSpec, base, archives: dict[str, str], work_dir: P
     )
 
     progress.phase("publish", "Publishing the package.")
-    manifest = _manifest(job, spec, base, package, result, gate.report, lora_inputs, adapter_files, adapter_inputs)
+    manifest = build_manifest(job, spec, base, package, result, gate.report, lora_inputs, adapter_files, adapter_inputs)
     (package / MANIFEST).write_text(json.dumps(manifest, indent=2))
     archive = _pack(package, work_dir / f"{job.id}-onnx.tar")
     _publish_and_succeed(job, lease, spec, manifest, archive, package, adapter_files)
-
-
-def _checks(spec: ExportSpec, mode: str | None) -> list:
-    from worker.onnx_gate import Check
-
-    if mode == "multi":
-        return [Check("base", None, None)] + [Check(a.name, a.name, a.name) for a in spec.adapters]
-    if mode in ("merged", "separate"):
-        return [Check(spec.adapters[0].name, None, spec.adapters[0].name)]
-    return [Check("base", None, None)]
-
-
-def _gate_message(gate) -> str:
-    report = gate.report
-    parts = []
-    for check in gate.failures():
-        diff = check["mean_abs_logit_diff"]
-        parts.append(
-            f"{check['check']}: {check['token_match']:.0%} of {check['positions']} greedy tokens match PyTorch "
-            f"(need {report['min_token_match']:.0%}), mean |logit diff| "
-            f"{'not finite' if diff is None else f'{diff:.4g}'} (limit {report['max_mean_abs_logit_diff']:.4g})"
-        )
-    return "The exported model failed the parity gate: " + "; ".join(parts) + "."
-
-
-def _manifest(job, spec, base, package, build_result, gate_report, lora_inputs, adapter_files, adapter_inputs) -> dict:
-    import onnxruntime
-    import onnxruntime_genai
-
-    onnx_file = package / "model.onnx"
-    data_file = package / "model.onnx.data"
-    weights = sorted(base.path.glob("*.safetensors"))
-    source_sha = sha256_of(weights[0]) if len(weights) == 1 else None
-    adapters = []
-    for adapter in spec.adapters:
-        entry = {
-            "name": adapter.name,
-            "job_id": adapter.fine_tuning_job,
-            "checkpoint_id": adapter.checkpoint,
-            "step": adapter.step,
-            "rank": adapter.rank,
-            "alpha": adapter.alpha,
-            "target_modules": adapter.target_modules,
-            "merged": spec.adapter_mode == "merged",
-            "file": None,
-            "bytes": None,
-            "sha256": None,
-            "onnx_inputs": adapter_inputs.get(adapter.name, []),
-        }
-        path = adapter_files.get(adapter.name)
-        if path is not None:
-            entry |= {
-                "file": str(path.relative_to(package)),
-                "bytes": path.stat().st_size,
-                "sha256": sha256_of(path),
-            }
-        adapters.append(entry)
-    contents = {
-        str(p.relative_to(package)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
-        for p in sorted(package.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    manifest = {
-        "format": "grove.onnx-package",
-        "version": 1,
-        "export_job_id": job.id,
-        "created_at": utcnow().isoformat(),
-        "base_model": {
-            "name": spec.model,
-            "source_sha256": source_sha,
-            "onnx_file": onnx_file.name,
-            "sha256": sha256_of(onnx_file),
-            "data_file": data_file.name if data_file.exists() else None,
-            "data_sha256": sha256_of(data_file) if data_file.exists() else None,
-        },
-        "precision": spec.precision,
-        "execution_provider": spec.execution_provider,
-        "adapter_mode": spec.adapter_mode if spec.adapters else None,
-        "quantization": spec.quantization.model_dump() if spec.precision in ("int4", "int8") else None,
-        "lora_inputs": lora_inputs,
-        "adapters": adapters,
-        "gate": gate_report,
-        "builder": {
-            "onnxruntime_genai": onnxruntime_genai.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "seconds": round(build_result.seconds, 2),
-            # The command line without this worker's paths.
-            "arguments": [a for a in build_result.command[3:] if not a.startswith("/")],
-        },
-        "contents": contents,
-    }
-    return manifest
 
 
 def _pack(package: Path, archive: Path) -> Path:
@@ -426,8 +236,8 @@ def _pack(package: Path, archive: Path) -> Path:
 
 
 def _publish_and_succeed(job, lease, spec, manifest, archive, package, adapter_files) -> None:
-    # One transaction: the files, the job's pointers to them and `succeeded` land together, or (lease
-    # lost, cancel won the race) none of them does and the copies are removed.
+    """Publish the package and succeed in one transaction; where the switch loses (lease lost, a cancel came
+    first) nothing lands and Stopped is raised."""
     with session_scope() as session:
         archive_file = publish_file(
             session, job.project_id, archive, archive.name, purpose=RESULTS_PURPOSE, job_id=job.id
@@ -453,40 +263,23 @@ def _publish_and_succeed(job, lease, spec, manifest, archive, package, adapter_f
             "sha256": archive_file.sha256,
         }
         result = manifest | {"files": files, "archive": archive_info}
-        Progress(job.id, lease).update(
+        write_under_lease(
             session,
+            job.id,
+            lease,
             result_files=[archive_file.id, *files.values()],
             result=result,
             step=len(PHASES),
             total_steps=len(PHASES),
             estimated_finish=None,
         )
-        succeeded = switch_job_status(
+        succeeded = finish(
             session,
             job.id,
+            lease,
             JobStatus.succeeded,
-            only_from={JobStatus.running},
-            lease_owner=lease.owner,
             message=f"Export published: {archive_file.filename} ({archive_file.bytes} bytes).",
             data={"archive": archive_info, "result_files": [archive_file.id, *files.values()]},
         )
-        if not succeeded:
-            session.rollback()
     if not succeeded:
-        _finish_stopped(job, lease)
-
-
-def _fail(job: Job, lease: Lease, code: str, message: str) -> None:
-    with session_scope() as session:
-        switch_job_status(
-            session,
-            job.id,
-            JobStatus.failed,
-            only_from={JobStatus.running, JobStatus.cancelling},
-            lease_owner=lease.owner,
-            error={"code": code, "message": message, "param": None, "type": "system_error"},
-        )
-
-
-def _finish_stopped(job: Job, lease: Lease) -> None:
-    confirm_cancelled(job.id, lease, "Export cancelled.")
+        raise Stopped

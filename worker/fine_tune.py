@@ -1,7 +1,7 @@
 """The fine-tuning stage: load the data, train, publish the adapter and metrics, finish the job.
 
-Runs under a held lease (worker/lease.py). Every write is conditioned on that lease, so a worker that
-lost its job (the reconciler gave it to another) cannot overwrite the new owner's progress.
+Runs under a held lease (worker/lease.py). Every write is conditioned on that lease (worker/stage_kit.py),
+so a worker that lost its job (the reconciler gave it to another) cannot overwrite the new owner's progress.
 
 The job's work directory (`settings.work_dir/<job id>`, a shared volume in production) outlives a dead
 worker: it holds the checkpoints a requeued job resumes from. It is removed once the job is finished
@@ -11,83 +11,43 @@ worker: it holds the checkpoints a requeued job resumes from. It is removed once
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import shutil
-from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from jobs.evaluation_spec import enqueue_follow_up
-from jobs.export_spec import create_chained_export
+from jobs.evaluation import enqueue_follow_up
+from jobs.export import create_chained_export
 from jobs.fine_tune_spec import FineTuneSpec
-from models.base import unix, utcnow
+from models.base import unix
 from models.config import get_settings
 from models.db import session_scope
-from models.errors import InvalidRequest
 from models.file import File
 from models.job import Checkpoint, Job
 from models.job_status import JobStatus
 from models.model_store import resolve_model
 from models.results import publish_file
 from models.storage import delete_after_commit, get_storage
-from models.transitions import add_event, switch_job_status
+from models.transitions import add_event
 from worker.archives import pack_tar, unpack_tar
-from worker.lease import Lease, confirm_cancelled
+from worker.fine_tune_steps import dataset_file, init_archive, plot_losses, write_metrics_csv, write_tensorboard
+from worker.lease import Lease
+from worker.stage_kit import StageProgress, confirm_cancelled, finish, finish_at, load_job, write_under_lease
 
 log = logging.getLogger(__name__)
 
-# The first six are the original columns; later ones were added after them.
-METRIC_COLUMNS = [
-    "step",
-    "train_loss",
-    "valid_loss",
-    "learning_rate",
-    "tokens_per_second",
-    "trained_tokens",
-    "epoch",
-    "full_valid_loss",
-    "train_mean_token_accuracy",
-    "valid_mean_token_accuracy",
-    "padding_fraction",
-    "peak_memory_mb",
-]
-TENSORBOARD_TAGS = {
-    "train_loss": "loss/train",
-    "valid_loss": "loss/valid",
-    "full_valid_loss": "loss/full_valid",
-    "learning_rate": "learning_rate",
-    "tokens_per_second": "throughput/tokens_per_second",
-    "train_mean_token_accuracy": "accuracy/train",
-    "valid_mean_token_accuracy": "accuracy/valid",
-    "padding_fraction": "padding_fraction",
-    "peak_memory_mb": "memory/peak_mb",
-}
 
-
-class JobProgress:
+class JobProgress(StageProgress):
     """TrainingHooks that record progress, metrics and checkpoints on the job."""
 
     def __init__(self, job: Job, lease: Lease, work_dir: Path):
-        self.job_id = job.id
+        super().__init__(job.id, lease)
         self.project_id = job.project_id
         self.model = job.model
         self.adapter = job.spec.get("adapter")
-        self.lease = lease
         self.work_dir = work_dir
-
-    def _update_job(self, session, **values) -> bool:
-        """Write `values` (or nothing) if this worker still holds the lease; the row stays locked until commit."""
-        values = values or {"step": Job.step}
-        result = session.execute(
-            update(Job)
-            .where(Job.id == self.job_id, Job.lease_owner == self.lease.owner)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        return result.rowcount == 1
 
     def on_start(self, total_steps: int, stats: dict) -> None:
         resumed = stats.get("resumed_from_step")
@@ -106,7 +66,7 @@ class JobProgress:
                 values |= {"step": 0, "trained_tokens": 0}
             else:
                 values["step"] = resumed
-            self._update_job(session, **values)
+            self.write(session, **values)
             add_event(
                 session,
                 self.job_id,
@@ -116,31 +76,12 @@ class JobProgress:
                 f"{stats.get('adapter_type')}; tokenization cache {stats.get('tokenization_cache')}).",
                 data=stats,
             )
-            truncated = stats.get("n_truncated") or 0
-            if truncated and resumed is None:
-                add_event(
-                    session,
-                    self.job_id,
-                    "warning",
-                    f"{truncated} training examples were longer than max_seq_len and were truncated.",
-                    data={"n_truncated": truncated, "max_seq_len": stats.get("max_seq_len")},
-                    level="warning",
-                )
-            skipped = stats.get("n_skipped") or 0
-            if skipped and resumed is None:
-                add_event(
-                    session,
-                    self.job_id,
-                    "warning",
-                    f"{skipped} training examples had no tokens to train on (all weights 0, or the trained "
-                    "part was cut off by max_seq_len) and were skipped.",
-                    data={"n_skipped": skipped},
-                    level="warning",
-                )
+            # Told once: a resumed job has already warned about its examples.
+            for message, data in _example_warnings(stats) if resumed is None else []:
+                add_event(session, self.job_id, "warning", message, data=data, level="warning")
 
     def on_metrics(self, step: int, total_steps: int, metrics: dict) -> None:
-        eta = metrics.get("eta_seconds")
-        finish = utcnow() + timedelta(seconds=eta) if eta is not None else None
+        finish = finish_at(metrics.get("eta_seconds"))
         data = {"step": step, "total_steps": total_steps} | {k: v for k, v in metrics.items() if v is not None}
         if finish is not None:
             data["estimated_finish"] = unix(finish)
@@ -152,9 +93,7 @@ class JobProgress:
         if metrics.get("tokens_per_second"):
             parts.append(f"{metrics['tokens_per_second']:.0f} tokens/s")
         with session_scope() as session:
-            if self._update_job(
-                session, step=step, trained_tokens=metrics.get("trained_tokens"), estimated_finish=finish
-            ):
+            if self.write(session, step=step, trained_tokens=metrics.get("trained_tokens"), estimated_finish=finish):
                 add_event(session, self.job_id, "metrics", ", ".join(parts), data=data)
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict, kept: list[int]) -> None:
@@ -163,7 +102,7 @@ class JobProgress:
         try:
             with session_scope() as session:
                 # Holding the lease is checked, and the job row locked, in this very transaction.
-                if not self._update_job(session, step=step):
+                if not self.write(session, step=step):
                     return
                 known = session.scalar(
                     select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
@@ -207,7 +146,7 @@ class JobProgress:
 
     def on_event(self, type: str, message: str, data: dict) -> None:
         with session_scope() as session:
-            if self._update_job(session):
+            if self.write(session):
                 add_event(session, self.job_id, type, message, data=data)
 
     def should_stop(self) -> bool:
@@ -220,6 +159,27 @@ class JobProgress:
         if status == JobStatus.cancelling:
             self.lease.cancel_requested.set()
         return self.lease.should_stop
+
+
+def _example_warnings(stats: dict) -> list[tuple[str, dict]]:
+    """(message, data) about the training examples that were cut or left out."""
+    warnings = []
+    if truncated := stats.get("n_truncated") or 0:
+        warnings.append(
+            (
+                f"{truncated} training examples were longer than max_seq_len and were truncated.",
+                {"n_truncated": truncated, "max_seq_len": stats.get("max_seq_len")},
+            )
+        )
+    if skipped := stats.get("n_skipped") or 0:
+        warnings.append(
+            (
+                f"{skipped} training examples had no tokens to train on (all weights 0, or the trained "
+                "part was cut off by max_seq_len) and were skipped.",
+                {"n_skipped": skipped},
+            )
+        )
+    return warnings
 
 
 def _plain(metrics: dict) -> dict:
@@ -247,90 +207,6 @@ def pack_dir(directory: Path, archive: Path) -> Path:
     return pack_tar(directory, archive)
 
 
-def write_metrics_csv(rows: list[dict], path: Path) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-    return path
-
-
-def plot_losses(rows: list[dict], path: Path, title: str) -> Path:
-    """Training and validation loss against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4), dpi=100)
-    axes = figure.add_subplot()
-    for key, label, style in [
-        ("train_loss", "training loss", "-"),
-        ("valid_loss", "validation loss (sample)", "--"),
-        ("full_valid_loss", "validation loss (full)", "o"),
-    ]:
-        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            axes.plot(*zip(*points, strict=True), style, label=label)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
-
-
-def write_tensorboard(rows: list[dict], directory: Path) -> Path:
-    """One TensorBoard event file of the logged scalars (`tensorboard --logdir` reads it)."""
-    from tensorboardX import SummaryWriter
-
-    with SummaryWriter(str(directory)) as writer:
-        for row in rows:
-            for key, tag in TENSORBOARD_TAGS.items():
-                if isinstance(row.get(key), int | float):
-                    writer.add_scalar(tag, row[key], int(row["step"]))
-    return directory
-
-
-def _dataset_file(session, job: Job, file_id: str | None, param: str) -> tuple[str, str] | None:
-    if file_id is None:
-        return None
-    file = session.scalar(select(File).where(File.id == file_id, File.project_id == job.project_id))
-    if file is None:
-        raise InvalidRequest(
-            f"The {param} {file_id} was deleted before the job ran.", param=param, code="file_not_found"
-        )
-    return file.storage_key, file.sha256
-
-
-def _init_archive(session, job: Job, spec: FineTuneSpec) -> str | None:
-    """The storage key of the adapter archive a job continues from (from_job's result or from_checkpoint's file)."""
-    if spec.from_checkpoint:
-        checkpoint = session.scalar(
-            select(Checkpoint)
-            .join(Job, Job.id == Checkpoint.job_id)
-            .where(Checkpoint.id == spec.from_checkpoint, Job.project_id == job.project_id)
-        )
-        file_id, param = (checkpoint.file_id if checkpoint else None), "from_checkpoint"
-    elif spec.from_job:
-        source = session.scalar(select(Job).where(Job.id == spec.from_job, Job.project_id == job.project_id))
-        file_id, param = (source.result_files[0] if source and source.result_files else None), "from_job"
-    else:
-        return None
-    file = session.get(File, file_id) if file_id else None
-    if file is None:
-        raise InvalidRequest(
-            f"The adapter of {param}={getattr(spec, param)} was deleted before the job ran.",
-            param=param,
-            code="file_not_found",
-        )
-    return file.storage_key
-
-
 def run(job_id: str, lease: Lease) -> None:
     # Heavy imports stay here so that the API and the reconciler never load torch.
     from worker.data import cache_key, read_training_examples, tokenizer_fingerprint
@@ -338,12 +214,10 @@ def run(job_id: str, lease: Lease) -> None:
     from worker.train import DataSource, train_adapter
 
     with session_scope() as session:
-        job = session.get(Job, job_id)
-        session.expunge(job)
-        spec = FineTuneSpec.model_validate(job.spec)
-        training = _dataset_file(session, job, spec.training_file, "training_file")
-        validation = _dataset_file(session, job, spec.validation_file, "validation_file")
-        init_archive = _init_archive(session, job, spec)
+        job, spec = load_job(session, job_id, FineTuneSpec)
+        training = dataset_file(session, job, spec.training_file, "training_file")
+        validation = dataset_file(session, job, spec.validation_file, "validation_file")
+        init_key = init_archive(session, job, spec)
 
     base = resolve_model(spec.model)
     settings = get_settings()
@@ -356,11 +230,11 @@ def run(job_id: str, lease: Lease) -> None:
         # The stored files themselves on a shared volume; copies in the work directory from a bucket.
         storage, inputs = get_storage(), work_dir / "inputs"
         init_dir = None
-        if init_archive is not None:
+        if init_key is not None:
             init_dir = work_dir / "init"
             shutil.rmtree(init_dir, ignore_errors=True)
             init_dir.mkdir()
-            unpack_tar(storage.fetch(init_archive, inputs), init_dir)
+            unpack_tar(storage.fetch(init_key, inputs), init_dir)
         fingerprint = tokenizer_fingerprint(base.path)
 
         def source(found: tuple[str, str] | None) -> DataSource | None:
@@ -385,35 +259,20 @@ def run(job_id: str, lease: Lease) -> None:
             cache_dir=work_root / "token-cache",
             compile_cache_dir=work_root / "compile-cache",
         )
-        if outcome.stopped:
-            if lease.lost.is_set():
-                keep_work_dir = True  # the job is another worker's now, and so is this directory
-                return
-            _finish_stopped(job, lease, outcome.steps)
+        if outcome.stopped and lease.lost.is_set():
+            keep_work_dir = True  # the job is another worker's now, and so is this directory
             return
-        manifest = {
-            "job_id": job.id,
-            "base_model": job.model,
-            "adapter": spec.adapter.model_dump(mode="json"),
-            "steps": outcome.steps,
-            "result_step": outcome.result_step,
-            "trained_tokens": outcome.trained_tokens,
-        }
-        artifacts = [
-            (pack_adapter(outcome.adapter_dir, work_dir / "adapter.tar", manifest), f"{job.id}-adapter.tar"),
-            (write_metrics_csv(outcome.metrics_rows, work_dir / "metrics.csv"), f"{job.id}-metrics.csv"),
-            (plot_losses(outcome.metrics_rows, work_dir / "loss.png", f"{job.id} ({job.model})"), f"{job.id}-loss.png"),
-            (
-                pack_dir(write_tensorboard(outcome.metrics_rows, work_dir / "tensorboard"), work_dir / "tb.tar"),
-                f"{job.id}-tensorboard.tar",
-            ),
-        ]
-        if spec.merged_model:
-            merged = merge_model(
-                base.path, outcome.adapter_dir, spec.adapter.type, spec.merged_model, work_dir / "merged"
-            )
-            artifacts.append((pack_dir(merged, work_dir / "merged.tar"), f"{job.id}-merged-{spec.merged_model}.tar"))
-        _publish_and_succeed(job, lease, artifacts, outcome)
+        if not outcome.stopped:
+            merged = None
+            if spec.merged_model:
+                merged = merge_model(
+                    base.path, outcome.adapter_dir, spec.adapter.type, spec.merged_model, work_dir / "merged"
+                )
+            artifacts = _result_files(job, spec, outcome, work_dir, merged)
+            if _publish_and_succeed(job, lease, artifacts, outcome):
+                return
+        # Stopped by a cancel: during training, or while publishing (it won the race to the final switch).
+        confirm_cancelled(job.id, lease, f"Job cancelled after {outcome.steps} steps.", data={"step": outcome.steps})
     except BaseException:
         keep_work_dir = lease.lost.is_set()
         raise
@@ -422,7 +281,29 @@ def run(job_id: str, lease: Lease) -> None:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _publish_and_succeed(job: Job, lease: Lease, artifacts: list[tuple[Path, str]], outcome) -> None:
+def _result_files(job: Job, spec: FineTuneSpec, outcome, work_dir: Path, merged: Path | None) -> list[tuple[Path, str]]:
+    """(local file, published name) of each result file; the adapter comes first."""
+    manifest = {
+        "job_id": job.id,
+        "base_model": job.model,
+        "adapter": spec.adapter.model_dump(mode="json"),
+        "steps": outcome.steps,
+        "result_step": outcome.result_step,
+        "trained_tokens": outcome.trained_tokens,
+    }
+    rows = outcome.metrics_rows
+    files = [
+        (pack_adapter(outcome.adapter_dir, work_dir / "adapter.tar", manifest), f"{job.id}-adapter.tar"),
+        (write_metrics_csv(rows, work_dir / "metrics.csv"), f"{job.id}-metrics.csv"),
+        (plot_losses(rows, work_dir / "loss.png", f"{job.id} ({job.model})"), f"{job.id}-loss.png"),
+        (pack_dir(write_tensorboard(rows, work_dir / "tensorboard"), work_dir / "tb.tar"), f"{job.id}-tensorboard.tar"),
+    ]
+    if merged is not None:
+        files.append((pack_dir(merged, work_dir / "merged.tar"), f"{job.id}-merged-{spec.merged_model}.tar"))
+    return files
+
+
+def _publish_and_succeed(job: Job, lease: Lease, artifacts: list[tuple[Path, str]], outcome) -> bool:
     # One transaction: the result files, the job's pointers to them and `succeeded` land together,
     # or (lease lost, cancel won the race) none of them does and the copies are removed.
     with session_scope() as session:
@@ -440,18 +321,16 @@ def _publish_and_succeed(job: Job, lease: Lease, artifacts: list[tuple[Path, str
             "train_loss": outcome.train_loss,
             "valid_loss": outcome.valid_loss,
         }
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.lease_owner == lease.owner)
-            .values(
-                result_files=[f.id for f in files],
-                fine_tuned_model=f"{job.model}:ft:{job.id}",
-                trained_tokens=outcome.trained_tokens,
-                step=outcome.steps,
-                estimated_finish=None,
-                result=summary,
-            )
-            .execution_options(synchronize_session=False)
+        write_under_lease(
+            session,
+            job.id,
+            lease,
+            result_files=[f.id for f in files],
+            fine_tuned_model=f"{job.model}:ft:{job.id}",
+            trained_tokens=outcome.trained_tokens,
+            step=outcome.steps,
+            estimated_finish=None,
+            result=summary,
         )
         message = None
         if outcome.early_stopped:
@@ -459,12 +338,11 @@ def _publish_and_succeed(job: Job, lease: Lease, artifacts: list[tuple[Path, str
                 f"The job stopped early at step {outcome.steps} of {outcome.total_steps}; "
                 f"the result is the best checkpoint (step {outcome.result_step})."
             )
-        succeeded = switch_job_status(
+        succeeded = finish(
             session,
             job.id,
+            lease,
             JobStatus.succeeded,
-            only_from={JobStatus.running},
-            lease_owner=lease.owner,
             message=message,
             data={
                 "trained_tokens": outcome.trained_tokens,
@@ -478,12 +356,4 @@ def _publish_and_succeed(job: Job, lease: Lease, artifacts: list[tuple[Path, str
             create_chained_export(session, job, adapter)
             if job.spec.get("evaluation"):
                 enqueue_follow_up(session, job, adapter.id)
-        else:
-            session.rollback()
-    if not succeeded:
-        # A cancel arrived while publishing: honour it.
-        _finish_stopped(job, lease, outcome.steps)
-
-
-def _finish_stopped(job: Job, lease: Lease, steps: int) -> None:
-    confirm_cancelled(job.id, lease, f"Job cancelled after {steps} steps.", data={"step": steps})
+    return succeeded

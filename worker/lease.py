@@ -87,20 +87,6 @@ def claim(job_id: str) -> Lease | None:
     return Lease(job_id, owner, settings.lease_seconds)
 
 
-def confirm_cancelled(job_id: str, lease: Lease, message: str, data: dict | None = None) -> bool:
-    """cancelling -> cancelled, once the stage has stopped; only while this worker still holds the lease."""
-    with session_scope() as session:
-        return switch_job_status(
-            session,
-            job_id,
-            JobStatus.cancelled,
-            only_from={JobStatus.cancelling},
-            lease_owner=lease.owner,
-            message=message,
-            data=data,
-        )
-
-
 def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,11 +17,11 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select
 
-from jobs.sweep_spec import SWEEP_KIND
 from models.base import utcnow
 from models.config import get_settings
 from models.db import session_scope
 from models.job import Job
+from models.job_kind import JobKind
 from models.job_status import JobStatus
 from models.queue import publish_job
 from models.storage import get_storage
@@ -39,36 +39,13 @@ def reconcile_once() -> dict[str, int]:
             select(Job.id, Job.status, Job.attempts, Job.step).where(
                 Job.status.in_([JobStatus.running, JobStatus.cancelling]),
                 Job.lease_expires_at < now,
-                Job.kind != SWEEP_KIND,
+                Job.kind != JobKind.sweep,
             )
         ).all()
         for job_id, status, attempts, step in expired:
-            if status == JobStatus.cancelling:
-                if switch_job_status(
-                    session,
-                    job_id,
-                    JobStatus.cancelled,
-                    only_from={JobStatus.cancelling},
-                    message="Job cancelled; its worker stopped before confirming.",
-                ):
-                    counts["cancelled"] += 1
-            elif attempts >= settings.max_attempts:
-                if switch_job_status(
-                    session,
-                    job_id,
-                    JobStatus.failed,
-                    only_from={JobStatus.running},
-                    error=worker_lost(attempts, step),
-                ):
-                    counts["failed"] += 1
-            elif switch_job_status(
-                session,
-                job_id,
-                JobStatus.queued,
-                only_from={JobStatus.running},
-                message="Worker lease expired; job requeued.",
-            ):
-                counts["requeued"] += 1
+            count, to, change = _after_lease_expired(status, attempts, step, settings.max_attempts)
+            if switch_job_status(session, job_id, to, **change):
+                counts[count] += 1
 
     # Sweeps: report their trials to optuna, prune, start new trials (dispatched after commit), finish.
     from worker.sweep import advance_sweeps
@@ -83,7 +60,7 @@ def reconcile_once() -> dict[str, int]:
             select(Job.id, Job.kind, Job.queue)
             .where(
                 Job.status == JobStatus.queued,
-                Job.kind != SWEEP_KIND,
+                Job.kind != JobKind.sweep,
                 Job.created_at < grace,
                 or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale),
             )
@@ -105,6 +82,20 @@ def reconcile_once() -> dict[str, int]:
     if any(counts.values()):
         log.info("reconciler: %s", counts)
     return counts
+
+
+def _after_lease_expired(
+    status: JobStatus, attempts: int, step: int | None, max_attempts: int
+) -> tuple[str, JobStatus, dict]:
+    """What becomes of a job whose worker's lease expired: (the count it adds to, its new status, the switch's
+    conditions and message)."""
+    if status == JobStatus.cancelling:
+        message = "Job cancelled; its worker stopped before confirming."
+        return "cancelled", JobStatus.cancelled, {"only_from": {JobStatus.cancelling}, "message": message}
+    if attempts >= max_attempts:
+        return "failed", JobStatus.failed, {"only_from": {JobStatus.running}, "error": worker_lost(attempts, step)}
+    message = "Worker lease expired; job requeued."
+    return "requeued", JobStatus.queued, {"only_from": {JobStatus.running}, "message": message}
 
 
 def worker_lost(attempts: int, step: int | None) -> dict:

@@ -6,69 +6,24 @@ A task receives only the job id and is idempotent: a second delivery finds the j
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 import traceback
 
 from models.db import database_unreachable, session_scope
-from models.errors import GroveError
 from models.job import Job
+from models.job_kind import JobKind
 from models.job_status import JobStatus
 from models.queue import TASK_FOR_KIND, dispatch_after_commit, get_celery
-from models.transitions import switch_job_status
 from worker import evaluate, export, fine_tune
-from worker.lease import Lease, claim, confirm_cancelled
+from worker.lease import Lease, claim
+from worker.stage_kit import classify_failure, confirm_cancelled, fail, switch_under_lease
 from worker.workspace import remove_finished_work_dirs
 
 log = logging.getLogger(__name__)
 app = get_celery()
 
-STAGES = {"fine_tune": fine_tune.run, "export": export.run, "evaluation": evaluate.run}
-
-
-def classify_failure(exc: BaseException) -> dict:
-    """The job's error: user errors (bad data, bad spec) are told apart from system errors."""
-    if isinstance(exc, GroveError) and exc.status_code < 500:
-        return {
-            "code": exc.code or "invalid_request",
-            "message": exc.message,
-            "param": exc.param,
-            "type": "user_error",
-        }
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return {
-            "code": "storage_full",
-            "message": f"The worker ran out of disk space while writing {exc.filename or 'a file'}.",
-            "param": None,
-            "type": "system_error",
-        }
-    if _is_out_of_memory(exc):
-        return {
-            "code": "out_of_memory",
-            "message": f"The worker ran out of memory: {exc}",
-            "param": None,
-            "type": "system_error",
-        }
-    return {
-        "code": "internal_error",
-        "message": f"{exc.__class__.__name__}: {exc}",
-        "param": None,
-        "type": "system_error",
-    }
-
-
-# How a failed allocation surfaces besides MemoryError: torch's CPU allocator and C++ kernels (std::bad_alloc) raise
-# RuntimeError; a syscall whose kernel memory a cgroup limit refuses (mmap, open, a socket) raises OSError(ENOMEM).
-_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "not enough memory", "out of memory", "bad_alloc")
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError) or exc.__class__.__name__ == "OutOfMemoryError":
-        return True
-    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
-        return True
-    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OUT_OF_MEMORY_TEXTS)
+STAGES = {JobKind.fine_tune: fine_tune.run, JobKind.export: export.run, JobKind.evaluation: evaluate.run}
 
 
 def run_job(job_id: str, kind: str) -> str:
@@ -91,7 +46,7 @@ def run_job(job_id: str, kind: str) -> str:
             log.warning("job %s lost the database (%s); giving it back once it answers", job_id, exc)
             return give_back(job_id, lease)
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-        _fail(job_id, lease, classify_failure(exc))
+        fail(job_id, lease, classify_failure(exc))
         return "failed"
     finally:
         lease.stop()
@@ -107,12 +62,12 @@ def give_back(job_id: str, lease: Lease, poll_seconds: float = 1.0) -> str:
     while True:
         try:
             with session_scope() as session:
-                if switch_job_status(
+                if switch_under_lease(
                     session,
                     job_id,
+                    lease,
                     JobStatus.queued,
                     only_from={JobStatus.running},
-                    lease_owner=lease.owner,
                     refund_attempt=True,
                     message="The worker lost its database connection; job requeued to resume from its last checkpoint.",
                 ):
@@ -129,28 +84,16 @@ def give_back(job_id: str, lease: Lease, poll_seconds: float = 1.0) -> str:
         time.sleep(poll_seconds)
 
 
-def _fail(job_id: str, lease: Lease, error: dict) -> None:
-    with session_scope() as session:
-        switch_job_status(
-            session,
-            job_id,
-            JobStatus.failed,
-            only_from={JobStatus.running, JobStatus.cancelling},
-            lease_owner=lease.owner,
-            error=error,
-        )
-
-
-@app.task(name=TASK_FOR_KIND["fine_tune"], acks_late=True, reject_on_worker_lost=True)
+@app.task(name=TASK_FOR_KIND[JobKind.fine_tune], acks_late=True, reject_on_worker_lost=True)
 def run_fine_tune(job_id: str) -> str:
-    return run_job(job_id, "fine_tune")
+    return run_job(job_id, JobKind.fine_tune)
 
 
-@app.task(name=TASK_FOR_KIND["export"], acks_late=True, reject_on_worker_lost=True)
+@app.task(name=TASK_FOR_KIND[JobKind.export], acks_late=True, reject_on_worker_lost=True)
 def run_export(job_id: str) -> str:
-    return run_job(job_id, "export")
+    return run_job(job_id, JobKind.export)
 
 
-@app.task(name=TASK_FOR_KIND["evaluation"], acks_late=True, reject_on_worker_lost=True)
+@app.task(name=TASK_FOR_KIND[JobKind.evaluation], acks_late=True, reject_on_worker_lost=True)
 def run_evaluation(job_id: str) -> str:
-    return run_job(job_id, "evaluation")
+    return run_job(job_id, JobKind.evaluation)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.errors import InvalidRequest
-from worker.tasks import classify_failure
+from worker.stage_kit import classify_failure
 
 
 def raised(call) -> BaseException:
