@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import timedelta
 
 from sqlalchemy import or_, select
@@ -26,6 +25,7 @@ from models.job_status import JobStatus
 from models.queue import publish_job
 from models.storage import get_storage
 from models.transitions import switch_job_status
+from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +108,8 @@ def worker_lost(attempts: int, step: int | None) -> dict:
     }
 
 
-class ReconcilerThread(threading.Thread):
+class ReconcilerThread(PeriodicThread):
     """Runs the reconciler periodically inside a long-lived process (the API, or `grove reconcile`)."""
 
     def __init__(self, interval: float | None = None):
-        super().__init__(name="reconciler", daemon=True)
-        self.interval = interval or get_settings().reconcile_interval_seconds
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            try:
-                reconcile_once()
-            except Exception:
-                log.exception("reconciler pass failed")
-
-    def stop(self) -> None:
-        self._stop_event.set()
+        super().__init__("reconciler", interval or get_settings().reconcile_interval_seconds, reconcile_once)

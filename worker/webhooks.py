@@ -11,7 +11,6 @@ Signing and the POST itself are models/webhook_signing.py's.
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import timedelta
 
 import httpx
@@ -31,6 +30,7 @@ from models.webhook import (
     WebhookEvent,
 )
 from models.webhook_signing import post
+from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 # How long a sender holds a claimed delivery before another may take it over (a sender that died).
@@ -150,20 +150,8 @@ def send_due_webhooks() -> dict[str, int]:
     return send_due()
 
 
-class WebhookSenderThread(threading.Thread):
+class WebhookSenderThread(PeriodicThread):
     """Sends due deliveries periodically inside a long-lived process (the embedded API)."""
 
     def __init__(self, interval: float | None = None):
-        super().__init__(name="webhook-sender", daemon=True)
-        self.interval = interval or get_settings().webhook_interval_seconds
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            try:
-                send_due()
-            except Exception:
-                log.exception("webhook sender pass failed")
-
-    def stop(self) -> None:
-        self._stop_event.set()
+        super().__init__("webhook-sender", interval or get_settings().webhook_interval_seconds, send_due)
