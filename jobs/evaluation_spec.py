@@ -2,7 +2,7 @@
 
 `EvaluationSettings` is what to measure and how; a fine-tuning job may carry one (`FineTuneSpec.evaluation`)
 to be evaluated automatically when it succeeds. `EvaluationSpec` adds the data and the resolved targets:
-the API resolves every target once, at creation, so the worker never has to guess what a target means.
+jobs/evaluation.py resolves every target once, at creation, so the worker never has to guess what a target means.
 """
 
 from __future__ import annotations

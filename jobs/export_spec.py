@@ -2,14 +2,7 @@
 
 An export job turns a base model from the store, optionally with the LoRA adapters of succeeded fine-tuning
 jobs (or named checkpoints of them), into an onnxruntime-genai model package (see worker/export.py for
-the package layout and the result contract). The API creates export jobs from requests
-(api/services/exports.py); the fine-tuning stage creates one as a child job when a fine-tune whose spec
-has an `export` section succeeds (`create_chained_export`).
-
-Everything that can be refused is refused here, at creation, with a 4xx naming the field: an unknown
-base model, another project's job (404), a job that has not succeeded, a precision the execution
-provider cannot run, a DoRA adapter or an unsupported target module outside the merged mode, and
-adapters of one multi package that differ in rank or target modules.
+the package layout and the result contract). The checks and the creation are jobs/export.py's.
 """
 
 from __future__ import annotations

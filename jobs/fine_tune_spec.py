@@ -1,6 +1,7 @@
-"""Versioned job specs, stored as JSON on the job row.
+"""Fine-tuning jobs: the request (OpenAI's create body plus Grove's options) and the versioned spec stored as
+JSON on the job row.
 
-The API builds a spec from the request once, at creation; the worker reads it back with
+jobs/fine_tune.py builds a spec from the request once, at creation; the worker reads it back with
 `FineTuneSpec.model_validate(job.spec)`. A new field needs a default so that old rows still load.
 """
 
