@@ -46,6 +46,25 @@ os.environ.update(ENV)
 BIN = Path(sys.executable).parent
 
 
+def wait_healthy(base: str) -> None:
+    """Wait (at most about 20 s) until a just-started API answers /healthz."""
+    for _ in range(100):
+        try:
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
+def fine_tune_body(base: str, auth: dict) -> dict:
+    """Upload a 20-row dataset and return a fine-tuning request on it (tiny-llama-test)."""
+    rows = "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(20))
+    file_id = httpx.post(
+        f"{base}/v1/files", headers=auth, files={"file": ("d.jsonl", rows)}, data={"purpose": "fine-tune"}
+    ).json()["id"]
+    return {"model": "tiny-llama-test", "training_file": file_id}
+
+
 def admin(sql: str) -> None:
     from sqlalchemy import create_engine, text
 
@@ -159,18 +178,9 @@ def main() -> None:
             )
         )
         base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(base)
         auth = {"Authorization": f"Bearer {key}"}
-        rows = "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(20))
-        file_id = httpx.post(
-            f"{base}/v1/files", headers=auth, files={"file": ("d.jsonl", rows)}, data={"purpose": "fine-tune"}
-        ).json()["id"]
-        body = json.dumps({"model": "tiny-llama-test", "training_file": file_id})
+        body = json.dumps(fine_tune_body(base, auth))
         job_id = httpx.post(
             f"{base}/v1/fine_tuning/jobs", headers=auth | {"Content-Type": "application/json"}, content=body
         ).json()["id"]

@@ -10,7 +10,6 @@ window and a fixed window in Redis, both set too high to refuse anything.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import BIN, ENV, NAME, QUEUE, REPO, TMP, admin, free_port  # noqa: E402
+from load import BIN, ENV, NAME, QUEUE, REPO, TMP, admin, fine_tune_body, free_port, wait_healthy  # noqa: E402
 
 CONFIGS = {
     "no rate limit": {},
@@ -65,19 +64,9 @@ def main() -> None:
                 )
                 base = f"http://127.0.0.1:{port}"
                 try:
-                    for _ in range(100):
-                        try:
-                            if httpx.get(f"{base}/healthz").status_code == 200:
-                                break
-                        except httpx.HTTPError:
-                            time.sleep(0.2)
+                    wait_healthy(base)
                     if job_path is None:
-                        rows = "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(20))
-                        file_id = httpx.post(
-                            f"{base}/v1/files", headers=auth, files={"file": ("d.jsonl", rows)},
-                            data={"purpose": "fine-tune"},
-                        ).json()["id"]  # fmt: skip
-                        job = {"model": "tiny-llama-test", "training_file": file_id}
+                        job = fine_tune_body(base, auth)
                         created = httpx.post(f"{base}/v1/fine_tuning/jobs", headers=auth, json=job).json()
                         job_path = f"/v1/fine_tuning/jobs/{created['id']}"
                     results[name] += poll(base, job_path, auth)
