@@ -44,6 +44,7 @@ COPY --chown=grove:grove pyproject.toml alembic.ini README.md ./
 COPY --chown=grove:grove api ./api
 COPY --chown=grove:grove worker ./worker
 COPY --chown=grove:grove models ./models
+COPY --chown=grove:grove jobs ./jobs
 COPY --chown=grove:grove migrations ./migrations
 
 FROM base AS cuda
