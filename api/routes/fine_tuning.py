@@ -12,8 +12,7 @@ from api.schemas.fine_tuning import (
     FineTuningJobEventObject,
     FineTuningJobObject,
 )
-from api.services import event_stream, idempotency
-from api.services import fine_tuning as jobs
+from api.services import event_stream, fine_tuning, idempotency
 from jobs.fine_tune_spec import CreateFineTuningJob
 from models.job_kind import JobKind
 
@@ -31,8 +30,8 @@ def create_job(
         request.headers.get(idempotency.HEADER),
         idempotency.fingerprint("fine_tuning.jobs", body.model_dump_json()),
         "fine_tuning.job",
-        create=lambda: jobs.create(session, project, body),
-        fetch=lambda job_id: jobs.get(session, project, job_id),
+        create=lambda: fine_tuning.create(session, project, body),
+        fetch=lambda job_id: fine_tuning.get(session, project, job_id),
     )
     return FineTuningJobObject.from_row(job)
 
@@ -42,7 +41,7 @@ async def list_jobs(
     read: ProjectReadDep, after: str | None = None, limit: Limit = 20
 ) -> ListObject[FineTuningJobObject]:
     def run(session, project):
-        rows, has_more = jobs.list_jobs(session, project, after, limit)
+        rows, has_more = fine_tuning.list_jobs(session, project, after, limit)
         return ListObject.of([FineTuningJobObject.from_row(r) for r in rows], has_more)
 
     return await read(run)
@@ -50,12 +49,12 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=FineTuningJobObject)
 async def get_job(read: ProjectReadDep, job_id: str) -> FineTuningJobObject:
-    return await read(lambda session, project: FineTuningJobObject.from_row(jobs.get(session, project, job_id)))
+    return await read(lambda session, project: FineTuningJobObject.from_row(fine_tuning.get(session, project, job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJobObject)
 def cancel_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTuningJobObject:
-    return FineTuningJobObject.from_row(jobs.cancel(session, project, job_id))
+    return FineTuningJobObject.from_row(fine_tuning.cancel(session, project, job_id))
 
 
 @router.get("/{job_id}/events", response_model=ListObject[FineTuningJobEventObject])
@@ -71,7 +70,7 @@ async def list_events(
         if stream:
             render = lambda event: FineTuningJobEventObject.from_row(event).model_dump(mode="json")  # noqa: E731
             return event_stream.open_stream(session, project, job_id, JobKind.fine_tune, last_event_id or after, render)
-        rows, has_more = jobs.list_events(session, project, job_id, after, limit)
+        rows, has_more = fine_tuning.list_events(session, project, job_id, after, limit)
         return ListObject.of([FineTuningJobEventObject.from_row(r) for r in rows], has_more)
 
     return await read(run)
@@ -82,7 +81,7 @@ async def list_checkpoints(
     read: ProjectReadDep, job_id: str, after: str | None = None, limit: Limit = 10
 ) -> ListObject[CheckpointObject]:
     def run(session, project):
-        job, rows, has_more = jobs.list_checkpoints(session, project, job_id, after, limit)
+        job, rows, has_more = fine_tuning.list_checkpoints(session, project, job_id, after, limit)
         return ListObject.of([CheckpointObject.from_row(r, job) for r in rows], has_more)
 
     return await read(run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from api.services.jobs import KindReads
+from api.services.job_reads import KindReads
 from jobs import evaluation
 from jobs.evaluation_spec import CreateEvaluation
 from models.job import Job

@@ -92,7 +92,7 @@ def open_stream(
     session: Session, project: Project, job_id: str, kind: JobKind, resume_after: str | None, render: Callable
 ) -> EventSourceResponse:
     """Check the job is the project's (404 otherwise) and the cursor is an event id (400), then stream."""
-    from api.services import jobs
+    from api.services import job_reads
 
-    job = jobs.get(session, project, job_id, kind)
-    return stream_response(job.id, jobs.event_cursor(resume_after), render)
+    job = job_reads.get(session, project, job_id, kind)
+    return stream_response(job.id, job_reads.event_cursor(resume_after), render)

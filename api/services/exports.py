@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from api.services.jobs import KindReads
+from api.services.job_reads import KindReads
 from jobs import export
 from jobs.export_spec import CreateExport
 from models.job import Job

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.services.jobs import KindReads
+from api.services.job_reads import KindReads
 from api.services.pagination import page
 from jobs import fine_tune
 from jobs.fine_tune_spec import CreateFineTuningJob

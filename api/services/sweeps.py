@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.services.jobs import KindReads
+from api.services.job_reads import KindReads
 from jobs import sweep
 from jobs.sweep_spec import CreateSweep
 from models.job import Job
