@@ -15,6 +15,7 @@ from jobs import lifecycle
 from jobs.evaluation_data import label_set, read_items
 from jobs.evaluation_spec import CreateEvaluation, EvaluationSettings, EvaluationSpec, Target, TargetRequest
 from models.config import get_settings
+from models.datasets import template_fields
 from models.errors import InvalidRequest
 from models.file import File
 from models.job import Checkpoint, Job
@@ -27,6 +28,8 @@ from models.storage import get_storage
 
 def check_settings(file: File, settings: EvaluationSettings, param: str = "evaluation_file") -> None:
     """Refuse data that cannot be scored and metrics that do not fit it (400 naming the field)."""
+    if settings.text_template:
+        template_fields(settings.text_template)  # whatever the file holds, a template must be plain fields
     try:
         with get_storage().local_copy(file.storage_key) as path:
             items = read_items(path, settings)

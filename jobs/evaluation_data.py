@@ -16,13 +16,21 @@ the conversation for chat), so it is the loss training reports, on the completio
 
 from __future__ import annotations
 
-import string
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.evaluation_spec import EvaluationSettings
-from models.datasets import ChatExample, DatasetError, Example, PromptCompletionExample, _records, _shape_of
+from models.datasets import (
+    ChatExample,
+    DatasetError,
+    Example,
+    PromptCompletionExample,
+    _records,
+    _shape_of,
+    parse_template,
+    render_template,
+)
 from models.errors import InvalidRequest
 
 MAX_DERIVED_LABELS = 50
@@ -45,40 +53,20 @@ class EvalItem:
         return self.prompt or ""
 
 
-def _format_field(formatter: string.Formatter, record: dict, name: str, spec: str | None, conversion: str | None):
-    value = formatter.convert_field(record[name], conversion)
-    return formatter.format_field(value, spec or "")
-
-
 def split_record(template: str, record: dict, line: int) -> tuple[str, str, str]:
     """(prompt, completion, value of the last field) of one record."""
-    formatter = string.Formatter()
-    try:
-        parts = list(formatter.parse(template))
-    except ValueError as exc:
-        raise InvalidRequest(f"text_template is not a valid format string: {exc}", param="text_template") from None
-    fields = [i for i, part in enumerate(parts) if part[1] is not None]
+    parts = parse_template(template)
+    fields = [i for i, (_, name) in enumerate(parts) if name is not None]
     if not fields:
         raise InvalidRequest("text_template names no field", param="text_template")
     last = fields[-1]
-    out: list[str] = []
     try:
-        for i, (literal, name, spec, conversion) in enumerate(parts):
-            out.append(literal)
-            if i == last:
-                prompt = "".join(out)
-                out = []
-            if name is not None:
-                if not name.isidentifier():
-                    raise InvalidRequest(
-                        f"text_template field {{{name}}} must be a plain field name", param="text_template"
-                    )
-                out.append(_format_field(formatter, record, name, spec, conversion))
+        prompt = render_template(parts[:last], record) + parts[last][0]
+        completion = render_template([("", parts[last][1]), *parts[last + 1 :]], record)
     except KeyError as exc:
         raise DatasetError(f"text_template field {exc} missing", line, param="evaluation_file") from None
     except (ValueError, TypeError) as exc:
         raise DatasetError(f"text_template cannot render this line: {exc}", line, param="evaluation_file") from None
-    completion = "".join(out)
     trimmed = prompt.rstrip(" \t")
     completion = prompt[len(trimmed) :] + completion
     return trimmed, completion, str(record[parts[last][1]])

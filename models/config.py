@@ -114,6 +114,17 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(12, description="Attempts before a webhook delivery is marked failed.")
     webhook_retry_base_seconds: float = Field(10.0, description="First retry delay; doubles after each failure.")
     webhook_retry_max_seconds: float = Field(3600.0, description="Longest delay between two delivery attempts.")
+    webhook_test_rate_limit: str = Field(
+        "10/minute",
+        description="Test deliveries (POST /v1/webhook_endpoints/{id}/test) each API key may send, in the limits "
+        "library's notation; past it 429 with Retry-After. Each one is an outbound request the server makes.",
+    )
+    metrics_require_admin: bool = Field(
+        False,
+        description="GET /metrics answers only an admin key (Authorization: Bearer <admin key>). It shows every "
+        "project's job counts and the workers' host names: turn this on in production unless only the "
+        "monitoring network reaches the API. Off for the embedded run.",
+    )
     sse_heartbeat_seconds: float = Field(15.0, description="Comment line sent on idle event streams this often.")
     log_format: str = Field("json", description="Log lines as 'json' (one object per line) or 'text'.")
     log_level: str = Field("INFO", description="Log level of the API and worker processes.")

@@ -134,19 +134,45 @@ def validate_jsonl(path: Path, min_examples: int) -> DatasetSummary:
     return DatasetSummary(format=shape, n_examples=count, fields=sorted(common_keys or []))
 
 
-def template_fields(template: str) -> list[str]:
-    """Names a template uses. Only plain names: attribute or index access would reach into objects."""
-    names = []
+TemplatePart = tuple[str, str | None]  # literal text, then the field rendered after it (None: none)
+
+
+def parse_template(template: str) -> list[TemplatePart]:
+    """A text template as (literal, field) pairs; raise a 400 naming `text_template` for anything but plain
+    `{field}` names. A format spec (`{text:>2000000000}`) would let one template pad a line to gigabytes in
+    the worker, a conversion (`{text!r}`) calls repr on user data, attribute or index access would reach into
+    objects: all are refused here, the one parser every reader of a template goes through. `{{` and `}}`
+    stay literal braces."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise InvalidRequest(f"text_template is not a valid format string: {exc}", param="text_template") from None
-    for _, name, _, _ in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier():
-            raise InvalidRequest(f"text_template field {{{name}}} must be a plain field name", param="text_template")
-        names.append(name)
+    parts: list[TemplatePart] = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None:
+            if not name.isidentifier():
+                raise InvalidRequest(
+                    f"text_template field {{{name}}} must be a plain field name", param="text_template"
+                )
+            if spec or conversion:
+                shown = f"{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}"
+                raise InvalidRequest(
+                    f"text_template field {{{shown}}} has a format spec or conversion; only plain "
+                    f"{{{name}}} is allowed",
+                    param="text_template",
+                )
+        parts.append((literal, name))
+    return parts
+
+
+def render_template(parts: list[TemplatePart], record: dict) -> str:
+    """A parsed template filled from one record, each value as str.format would show it with no spec."""
+    return "".join(literal + ("" if name is None else format(record[name])) for literal, name in parts)
+
+
+def template_fields(template: str) -> list[str]:
+    """Names a template uses (see `parse_template` for what a field may be); at least one."""
+    names = [name for _, name in parse_template(template) if name is not None]
     if not names:
         raise InvalidRequest("text_template names no field", param="text_template")
     return names
@@ -165,6 +191,8 @@ def check_template_against(template: str, summary: DatasetSummary, param_file: s
 def read_examples(path: Path, text_template: str | None) -> list[Example]:
     """Load a validated file as examples. The worker calls this; the file was checked at upload."""
     examples: list[Example] = []
+    # Parsed again here, not trusted: a job stored before a rule was added still meets it.
+    parts = None if text_template is None else parse_template(text_template)
     for line_no, record in _records(path):
         shape = _shape_of(record)
         if shape == "chat":
@@ -172,10 +200,10 @@ def read_examples(path: Path, text_template: str | None) -> list[Example]:
         elif shape == "prompt_completion":
             examples.append(PromptCompletionExample(prompt=record["prompt"], completion=record["completion"]))
         else:
-            if text_template is None:
+            if parts is None:
                 raise DatasetError("this file has arbitrary fields; the job needs a text_template", line_no)
             try:
-                text = text_template.format_map({k: v for k, v in record.items()})
+                text = render_template(parts, record)
             except KeyError as exc:
                 raise DatasetError(f"text_template field {exc} missing", line_no) from None
             examples.append(TextExample(text=text))

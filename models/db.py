@@ -1,4 +1,8 @@
-"""Engine and sessions. Services never commit: the caller that opened the session does."""
+"""Engine and sessions. Services never commit: the caller that opened the session does.
+
+Every engine hides bound parameters: a failed statement's error reaches logs and error reports, and its
+values may be a webhook signing secret, a key hash or a tenant's data.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ def _prepare_sqlite_dir(url: str) -> None:
 def build_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         _prepare_sqlite_dir(url)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -39,7 +43,7 @@ def build_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
 # SQLSTATEs of a server that went away or is not taking connections yet: connection exceptions (class 08),
@@ -89,6 +93,7 @@ def build_read_engine(url: str) -> Engine:
         connect_args={"options": "-c default_transaction_read_only=on", "application_name": "grove-api-read"},
         pool_size=10,
         max_overflow=20,
+        hide_parameters=True,
     )
 
 

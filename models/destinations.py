@@ -5,6 +5,8 @@ A destination is allowed when
   IP addresses or CIDR networks), which may name internal hosts and is the only way to use plain http; or
 - GROVE_WEBHOOK_ALLOW_PUBLIC is on, the URL is https, and every address the host resolves to is globally
   routable (no loopback, private, link-local such as 169.254.169.254, CGNAT, multicast or reserved).
+  An IPv6 address that embeds an IPv4 one (IPv4-mapped, NAT64, 6to4, Teredo) is judged by that IPv4
+  address too: 64:ff9b::7f00:1 is 127.0.0.1 through a translator.
 
 The check runs at registration and again before every delivery, on the addresses actually connected to
 (`resolve_destination` returns them, and the sender connects to that address, not to the name again), so
@@ -71,9 +73,31 @@ def _name_allowed(host: str, names: list[str]) -> bool:
     return False
 
 
+# NAT64's well-known prefix carries the IPv4 address in its last 32 bits, and so does the deprecated
+# IPv4-compatible form (::a.b.c.d). A site's own translator (RFC 8215's local-use prefix) only ever leads
+# inside that site.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses a translator or tunnel (6to4, Teredo, NAT64) would carry this address to."""
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)  # the Teredo server and the client behind it
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
+
+
 def _is_public(address: IPAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return _is_public(address.ipv4_mapped)
+        if address in _LOCAL_NAT64 or not all(_is_public(v4) for v4 in _embedded_ipv4(address)):
+            return False
     return address.is_global and not address.is_multicast
 
 

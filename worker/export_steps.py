@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import string
 from pathlib import Path
 
 from jobs.export_spec import FIXED_PROMPTS, ExportSpec
 from models.base import utcnow
+from models.datasets import parse_template, render_template
+from models.errors import InvalidRequest
 from models.job import Job
 from models.model_store import load_options
 from models.storage import get_storage
@@ -47,13 +48,20 @@ def prompt_of(record: dict, text_template: str | None, chat_renderer) -> str | N
     if "prompt" in record:
         return record.get("prompt")
     if text_template:
-        # Cut the template before its last field ("{text} -> {label}" gives "<text> -> ").
-        fields = [name for _, name, _, _ in string.Formatter().parse(text_template) if name]
-        cut = text_template.rfind("{" + fields[-1]) if fields else -1
-        head = text_template[:cut] if cut > 0 else text_template
+        # Cut the template before its last field ("{text} -> {label}" gives "<text> -> "); a template that is
+        # its last field alone is rendered whole. The parser refuses format specs (a spec can pad to gigabytes).
         try:
-            return head.format_map(record)
-        except (KeyError, ValueError, IndexError):
+            parts = parse_template(text_template)
+        except InvalidRequest:
+            return None
+        fields = [i for i, (_, name) in enumerate(parts) if name is not None]
+        last = fields[-1] if fields else len(parts)
+        head = parts[:last] + [(parts[last][0], None)] if last < len(parts) else parts
+        if not any(literal or name for literal, name in head):
+            head = parts
+        try:
+            return render_template(head, record)
+        except KeyError:
             return None
     return None
 

@@ -1,11 +1,12 @@
 """Webhook endpoints of a project: register, list, update, delete, rotate the secret, test; deliveries.
 
-Never commits. Destination URLs are checked against the operator's policy (models/destinations.py) when
-they are registered and again before every delivery.
+Never commits, and a test delivery is sent holding no session at all. Destination URLs are checked against
+the operator's policy (models/destinations.py) when they are registered and again before every delivery.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -116,21 +117,39 @@ def rotate_secret(session: Session, project: Project, endpoint_id: str, keep_old
     return endpoint
 
 
-def send_test(session: Session, project: Project, endpoint_id: str, event_type: str) -> int:
-    """POST a sample event now and return the endpoint's status code. Not recorded as a delivery."""
-    import httpx
+@dataclass(frozen=True)
+class SampleEvent:
+    """A test delivery, read from the database and ready to send without it."""
 
-    from models.webhook_signing import post
+    url: str
+    secrets: list[str]
+    event_id: str
+    payload: dict
 
+
+def sample_event(session: Session, project: Project, endpoint_id: str, event_type: str) -> SampleEvent:
+    """The sample event a test of `endpoint_id` sends: everything `send_test` needs, read now."""
     event_type = _check_event_types([event_type], param="event_type")[0]
     endpoint = get(session, project, endpoint_id)
     event_id = new_id("evt")
     data_id = SAMPLE_DATA_ID.get(event_type.rsplit(".", 1)[0], "job-test")
     payload = event_payload(event_id, event_type, utcnow(), {"id": data_id})
+    return SampleEvent(endpoint.url, endpoint.active_secrets(), event_id, payload)
+
+
+def send_test(sample: SampleEvent) -> int:
+    """POST a sample event now and return the endpoint's status code. Not recorded as a delivery.
+
+    Takes no session: the endpoint may take the whole webhook timeout to answer, and a caller holding a
+    database connection that long could drain the pool with a few slow endpoints."""
+    import httpx
+
+    from models.webhook_signing import post
+
     try:
-        return post(endpoint.url, endpoint.active_secrets(), event_id, payload).status_code
+        return post(sample.url, sample.secrets, sample.event_id, sample.payload).status_code
     except httpx.HTTPError as exc:
-        raise WebhookUnreachable(f"Could not reach {endpoint.url}: {exc.__class__.__name__}: {exc}") from None
+        raise WebhookUnreachable(f"Could not reach {sample.url}: {exc.__class__.__name__}: {exc}") from None
 
 
 def list_deliveries(

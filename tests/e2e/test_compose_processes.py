@@ -54,6 +54,7 @@ def resolved_compose(env: dict[str, str]) -> dict:
     if tool is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
     args = [*tool, "-f", str(REPO / "docker-compose.yml"), "config"]
+    env = {"FLOWER_BASIC_AUTH": "test:test"} | env  # required: compose refuses the file without it
     if tool == ["docker", "compose"]:
         args += ["--format", "json"]
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)

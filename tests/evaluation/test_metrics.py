@@ -120,7 +120,11 @@ def test_template_splits_before_its_last_field():
     record = {"text": "i am happy", "label": "joy"}
     assert split_record("Text: {text}\nEmotion: {label}", record, 1) == ("Text: i am happy\nEmotion:", " joy", "joy")
     assert split_record("{{x}} {text} -> {label}.", record, 1) == ("{x} i am happy ->", " joy.", "joy")
-    assert split_record("{label!r} or {label}", record, 1) == ("'joy' or", " joy", "joy")
+    assert split_record("{label} or {label}", record, 1) == ("joy or", " joy", "joy")
+    # A conversion or format spec is refused wherever a template is read (tests/security covers the API).
+    with pytest.raises(InvalidRequest) as caught:
+        split_record("{label!r} or {label}", record, 1)
+    assert caught.value.param == "text_template"
 
 
 def test_items_of_each_shape(tmp_path):
