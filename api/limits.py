@@ -1,8 +1,13 @@
-"""Request limits enforced before a route runs: the size of a JSON body, and a per-key rate limit.
+"""Request limits enforced before a route runs: the size of a JSON body, and a per-key rate limit; and the
+closing of an upload's connection when it is answered before its body was read.
 
-- JSON bodies: a request body (any route but the upload, which has GROVE_MAX_UPLOAD_BYTES) larger than
-  GROVE_MAX_JSON_BODY_BYTES gets 413 `request_too_large`: at once when its Content-Length says so, else as
-  soon as the bytes received pass the limit (chunked bodies are buffered up to the limit, never beyond).
+- Uploads (`POST /v1/files`) are held to GROVE_MAX_UPLOAD_BYTES by the route itself, after the key is checked
+  and as the bytes arrive (api/upload_form.py). An upload answered before its body was read in full (401,
+  403, 413, 400) gets `Connection: close` (`CloseUnreadUploads`): the server then stops reading, where it
+  would otherwise go on receiving, and discarding, all that the client still sends.
+- JSON bodies: a request body (any route but the upload) larger than GROVE_MAX_JSON_BODY_BYTES gets 413
+  `request_too_large`: at once when its Content-Length says so, else as soon as the bytes received pass the
+  limit (chunked bodies are buffered up to the limit, never beyond).
 - Rate: with GROVE_RATE_LIMIT set (limits notation: "100/second", "6000 per minute; 200 per second"), each
   key may make that many requests; past it the answer is 429 `rate_limit_exceeded` with Retry-After. The
   counters live in Redis when the broker is Redis (shared by every API process), else in process memory.
@@ -63,6 +68,31 @@ class _Limiter:
                 reset_time, _ = await self.limiter.get_window_stats(item, identity)
                 return max(1, math.ceil(reset_time - time.time()))
         return None
+
+
+class CloseUnreadUploads:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != UPLOAD_PATH:
+            await self.app(scope, receive, send)
+            return
+        body_read = False
+
+        async def watched_receive() -> Message:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read = True
+            return message
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_read:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, watched_receive, closing_send)
 
 
 class RequestLimits:

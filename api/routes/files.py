@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile
-from fastapi import File as FileParam
+import anyio.to_thread
+from anyio import CapacityLimiter
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from api.content import file_content
@@ -12,27 +15,66 @@ from api.schemas.common import ListObject
 from api.schemas.files import FileDeleted, FileObject
 from api.services import files as file_service
 from api.services import idempotency
-from models.storage import CHUNK
+from api.upload_form import UploadForm
+from models.db import session_scope
+from models.project import Project
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", response_model=FileObject)
-def upload_file(
-    request: Request,
-    session: SessionDep,
-    project: ProjectDep,
-    file: Annotated[UploadFile, FileParam(description="JSONL dataset.")],
-    purpose: Annotated[str, Form()],
-) -> FileObject:
-    def chunks():
-        while chunk := file.file.read(CHUNK):
-            yield chunk
+# The body is read by the route itself (api/upload_form.py), so it declares no Form or File parameters: the
+# request body is documented here instead.
+UPLOAD_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "contentMediaType": "application/octet-stream",
+                        "title": "File",
+                        "description": "JSONL dataset.",
+                    },
+                    "purpose": {"type": "string", "title": "Purpose"},
+                },
+                "required": ["file", "purpose"],
+                "additionalProperties": False,
+                "title": "Body_upload_file_v1_files_post",
+            }
+        }
+    },
+}
 
-    row = file_service.upload(
-        session, project, file.filename, purpose, chunks(), request.headers.get(idempotency.HEADER)
-    )
-    return FileObject.from_row(row)
+
+# An upload holds its thread while the body arrives, at the client's pace: uploads run on threads of their own,
+# so that slow ones never take the shared pool from the other routes. More wait their turn, their bodies unread.
+UPLOAD_THREADS = 16
+_upload_threads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter] = weakref.WeakKeyDictionary()
+
+
+def _upload_limiter() -> CapacityLimiter:
+    # One per event loop (a test runs several, one after the other): a limiter's waiters belong to one loop.
+    loop = asyncio.get_running_loop()
+    if loop not in _upload_threads:
+        _upload_threads[loop] = CapacityLimiter(UPLOAD_THREADS)
+    return _upload_threads[loop]
+
+
+@router.post("", response_model=FileObject, openapi_extra={"requestBody": UPLOAD_REQUEST_BODY})
+async def upload_file(request: Request, read: ProjectReadDep) -> FileObject:
+    # The key is checked (in a read session of its own, closed at once) before a byte of the body is read.
+    project = await read(lambda _session, project: project)
+    form = UploadForm(request, fields=file_service.UPLOAD_FIELDS)
+    idempotency_key = request.headers.get(idempotency.HEADER)
+    return await anyio.to_thread.run_sync(_store_upload, project, form, idempotency_key, limiter=_upload_limiter())
+
+
+def _store_upload(project: Project, form: UploadForm, idempotency_key: str | None) -> FileObject:
+    # Committed before the response goes out, as SessionDep does; the session connects only once the body is in.
+    with session_scope() as session:
+        return FileObject.from_row(file_service.upload(session, project, form, idempotency_key))
 
 
 @router.get("", response_model=ListObject[FileObject])

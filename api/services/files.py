@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.services import idempotency
 from api.services.pagination import page
+from api.upload_form import UploadForm
 from models.config import get_settings
 from models.datasets import DatasetSummary, validate_jsonl
 from models.errors import Conflict, InvalidRequest, NotFound
@@ -31,21 +30,24 @@ def _clean_filename(name: str | None) -> str:
     return (base if base not in ("", ".", "..") else "upload.jsonl")[:255]
 
 
-def upload(
-    session: Session,
-    project: Project,
-    filename: str | None,
-    purpose: str,
-    chunks: Iterable[bytes],
-    idempotency_key: str | None = None,
-) -> File:
+def check_purpose(purpose: str) -> None:
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(f"purpose must be one of: {', '.join(sorted(UPLOAD_PURPOSES))}.", param="purpose")
+
+
+# The upload's form fields besides the file, each checked as soon as it has arrived (api/upload_form.py).
+UPLOAD_FIELDS = {"purpose": check_purpose}
+
+
+def upload(session: Session, project: Project, form: UploadForm, idempotency_key: str | None = None) -> File:
+    """Stage the form's file as it arrives, then validate and store it. The session is first used once the
+    body is in: a slow client never holds a database connection."""
     settings = get_settings()
     storage = get_storage()
-    name = _clean_filename(filename)
-    staged = storage.stage_chunks(chunks, max_bytes=settings.max_upload_bytes)
+    staged = storage.stage_chunks(form.file_chunks(), max_bytes=settings.max_upload_bytes)
     try:
+        purpose = form.finish()["purpose"]
+        name = _clean_filename(form.filename)
         claim = idempotency.begin(
             session, project, idempotency_key, idempotency.fingerprint("files", purpose, name, staged.sha256), "file"
         )
