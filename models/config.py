@@ -32,6 +32,14 @@ class Settings(BaseSettings):
     work_dir: Path = Field(Path("var/work"), description="Worker scratch space (checkpoints, temp output).")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload; larger gets 413.")
     min_examples: int = Field(10, description="Fewest examples a training or validation file may hold.")
+    max_example_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="Most characters one training example may render to (its text_template filled in, or its "
+        "messages, or prompt and completion together). A job with a longer example fails as a user error "
+        "(example_too_large) before the worker builds it: a template that repeats a long field would otherwise "
+        "grow one example to gigabytes.",
+    )
     max_queued_jobs_per_project: int = Field(
         100, description="Unfinished (non-terminal) jobs of all kinds a project may hold at once; more gets 429."
     )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -188,23 +189,67 @@ def check_template_against(template: str, summary: DatasetSummary, param_file: s
         )
 
 
-def read_examples(path: Path, text_template: str | None) -> list[Example]:
-    """Load a validated file as examples. The worker calls this; the file was checked at upload."""
+def read_examples(
+    path: Path,
+    text_template: str | None,
+    *,
+    max_chars: int | None = None,
+    file_param: str = "training_file",
+    check_stop: Callable[[], None] | None = None,
+) -> list[Example]:
+    """Load a validated file as examples. The worker calls this; the file was checked at upload.
+
+    No example may render to more than `max_chars` characters (default: the max_example_chars setting): its
+    size is added up from the template's literals and the lengths of the field values it uses before the text
+    is built, so that a template repeating a long field never makes the giant string it would describe. One
+    over the limit is a user error naming its line: `param` is `file_param` when the fields alone are too
+    long, else `text_template`. `check_stop`, called before each line, may raise to abandon the read.
+    """
+    from models.config import get_settings
+
+    limit = get_settings().max_example_chars if max_chars is None else max_chars
     examples: list[Example] = []
     # Parsed again here, not trusted: a job stored before a rule was added still meets it.
     parts = None if text_template is None else parse_template(text_template)
+    literal_chars = sum(len(literal) for literal, _ in parts or [])
+    uses = Counter(name for _, name in parts or [] if name is not None)
     for line_no, record in _records(path):
+        if check_stop is not None:
+            check_stop()
         shape = _shape_of(record)
         if shape == "chat":
-            examples.append(ChatExample(messages=record["messages"]))
+            example: Example = ChatExample(messages=record["messages"])
+            chars = sum(len(message["content"]) for message in example.messages)
         elif shape == "prompt_completion":
-            examples.append(PromptCompletionExample(prompt=record["prompt"], completion=record["completion"]))
+            example = PromptCompletionExample(prompt=record["prompt"], completion=record["completion"])
+            chars = len(example.prompt) + len(example.completion)
         else:
             if parts is None:
                 raise DatasetError("this file has arbitrary fields; the job needs a text_template", line_no)
             try:
-                text = render_template(parts, record)
+                # str(value) is what render_template writes for each use of a field (for a str, the str itself).
+                value_chars = {name: len(format(record[name])) for name in uses}
             except KeyError as exc:
                 raise DatasetError(f"text_template field {exc} missing", line_no) from None
-            examples.append(TextExample(text=text))
+            chars = literal_chars + sum(uses[name] * n for name, n in value_chars.items())
+            if chars > limit:
+                fields_alone_too_long = sum(value_chars.values()) > limit
+                raise example_too_large(line_no, file_param, chars, limit, by_template=not fields_alone_too_long)
+            example = TextExample(text=render_template(parts, record))
+        if chars > limit:
+            raise example_too_large(line_no, file_param, chars, limit, by_template=False)
+        examples.append(example)
     return examples
+
+
+def example_too_large(line_no: int, file_param: str, chars: int, limit: int, by_template: bool) -> InvalidRequest:
+    """The user error of an example over the max_example_chars limit: the template's fault or the file's."""
+    if by_template:
+        what, param = f"the text_template renders this example to {chars:,} characters", "text_template"
+    else:
+        what, param = f"this example has {chars:,} characters", file_param
+    return InvalidRequest(
+        f"line {line_no} of the {file_param}: {what}; one example may have at most {limit:,}.",
+        param=param,
+        code="example_too_large",
+    )

@@ -13,30 +13,36 @@ tokens before it (the loss shifts by one), and IGNORE_INDEX marks tokens that ar
 Examples longer than max_seq_len are cut at max_seq_len and counted; an example left with no trained token
 (every assistant turn weighted 0, or cut off) is skipped and counted.
 
-Encoding (encode_examples) is kept apart from cutting (finalize), so that a file's encoding can be cached by
-its content hash, template and tokenizer (encode_cached) and serve any max_seq_len. Batches are padded
-(collate) or packed: several examples per row, positions restarting, a block-diagonal causal mask
-(pack_rows, collate_packed).
+Encoding (encode_examples) is kept apart from cutting (finalize), so that a file's encoding can be cached
+(worker/token_cache.py) and serve any max_seq_len. Batches are padded (collate) or packed: several examples per
+row, positions restarting, a block-diagonal causal mask (pack_rows, collate_packed).
+
+Reading and encoding take a `check_stop` callable, called before each example (and each chat message), that
+raises to abandon the work: a cancel reaches a job while it prepares a large file, not only between steps.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jobs.fine_tune_spec import split_at_completion_marker
-from models.datasets import ChatExample, Example, PromptCompletionExample, TextExample, read_examples
+from models.config import get_settings
+from models.datasets import (
+    ChatExample,
+    Example,
+    PromptCompletionExample,
+    TextExample,
+    example_too_large,
+    read_examples,
+)
 
 IGNORE_INDEX = -100
-# Bump when the encoding of examples changes: cached encodings of older versions are then ignored.
-DATA_CACHE_VERSION = 1
+
+StopCheck = Callable[[], None]  # raises (worker.stage_kit.Stopped) to abandon the work
 
 
 @dataclass
@@ -88,13 +94,13 @@ def _trained(message: dict) -> bool:
     return message.get("role") == "assistant" and message.get("weight", 1) != 0
 
 
-def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+def chat_segments(tokenizer, messages: list[dict], check_stop: StopCheck | None = None) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained) pieces whose concatenation is the full rendering."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError("the base model's tokenizer has no chat template")
     clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
     try:
-        return _segments_by_prefix(tokenizer, messages, clean)
+        return _segments_by_prefix(tokenizer, messages, clean, check_stop)
     except ChatTemplateError:
         # Some templates render earlier turns differently (e.g. drop reasoning): train the last turn only.
         return _segments_last_turn(tokenizer, messages, clean)
@@ -106,10 +112,14 @@ def _assistant_pieces(prompt: str, full: str, trained: bool) -> list[tuple[str, 
     return [(generated, trained), (body[len(generated) :], False)]
 
 
-def _segments_by_prefix(tokenizer, messages: list[dict], clean: list[dict]) -> list[tuple[str, bool]]:
+def _segments_by_prefix(
+    tokenizer, messages: list[dict], clean: list[dict], check_stop: StopCheck | None
+) -> list[tuple[str, bool]]:
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, message in enumerate(messages):
+        if check_stop is not None:  # each message renders the whole conversation so far: long ones take a while
+            check_stop()
         full = _render(tokenizer, clean[: i + 1], False)
         if message.get("role") == "assistant":
             prompt = _render(tokenizer, clean[:i], True)
@@ -136,11 +146,13 @@ def _segments_last_turn(tokenizer, messages: list[dict], clean: list[dict]) -> l
     return [(prompt, False), *_assistant_pieces(prompt, full, True)]
 
 
-def _encode(example: Example, tokenizer, prefix: list[int]) -> tuple[list[int], list[int]]:
+def _encode(
+    example: Example, tokenizer, prefix: list[int], check_stop: StopCheck | None
+) -> tuple[list[int], list[int]]:
     if isinstance(example, ChatExample):
         input_ids: list[int] = []
         labels: list[int] = []
-        for text, trained in chat_segments(tokenizer, example.messages):
+        for text, trained in chat_segments(tokenizer, example.messages, check_stop):
             ids = _token_ids(tokenizer, text)
             input_ids += ids
             labels += ids if trained else [IGNORE_INDEX] * len(ids)
@@ -160,10 +172,17 @@ def _encode(example: Example, tokenizer, prefix: list[int]) -> tuple[list[int], 
     return context + target, [IGNORE_INDEX] * len(context) + target
 
 
-def encode_examples(examples: Sequence[Example], tokenizer) -> list[tuple[list[int], list[int]]]:
+def encode_examples(
+    examples: Sequence[Example], tokenizer, check_stop: StopCheck | None = None
+) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of each example, whole (not yet cut to any max_seq_len)."""
     prefix = _special_prefix(tokenizer)
-    return [_encode(example, tokenizer, prefix) for example in examples]
+    encoded = []
+    for example in examples:
+        if check_stop is not None:
+            check_stop()
+        encoded.append(_encode(example, tokenizer, prefix, check_stop))
+    return encoded
 
 
 def finalize(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], max_seq_len: int) -> TokenizedData:
@@ -186,90 +205,46 @@ def finalize(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], max_seq_len
     return data
 
 
-def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int) -> TokenizedData:
-    return finalize(encode_examples(examples, tokenizer), max_seq_len)
+def tokenize_examples(
+    examples: list[Example], tokenizer, max_seq_len: int, check_stop: StopCheck | None = None
+) -> TokenizedData:
+    return finalize(encode_examples(examples, tokenizer, check_stop), max_seq_len)
 
 
-# --- reading a file for training, and the tokenization cache ---------------------------------------------
+# --- reading a file for training ----------------------------------------------------------------------
 
 
-def read_training_examples(path: Path, text_template: str | None) -> list[Example]:
-    """The file's examples. A text_template with the completion marker gives prompt/completion examples:
-    the text before the marker is context, the text after it is trained on."""
+def read_training_examples(
+    path: Path, text_template: str | None, file_param: str = "training_file", check_stop: StopCheck | None = None
+) -> list[Example]:
+    """The file's examples (models.datasets.read_examples: each at most max_example_chars long, a user error
+    naming `file_param` or the template otherwise). A text_template with the completion marker gives
+    prompt/completion examples: the text before the marker is context, the text after it is trained on."""
     parts = split_at_completion_marker(text_template)
     if parts is None:
-        return read_examples(path, text_template)
-    prompts = read_examples(path, parts[0])
-    completions = read_examples(path, parts[1])
-    return [
-        PromptCompletionExample(prompt=p.text, completion=c.text) for p, c in zip(prompts, completions, strict=True)
-    ]
+        return read_examples(path, text_template, file_param=file_param, check_stop=check_stop)
+    # Each half is held to the limit as it is read, so that neither is built past it; then the two together.
+    prompts = read_examples(path, parts[0], file_param=file_param, check_stop=check_stop)
+    completions = read_examples(path, parts[1], file_param=file_param, check_stop=check_stop)
+    limit = get_settings().max_example_chars
+    examples: list[Example] = []
+    for index, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        if len(p.text) + len(c.text) > limit:
+            chars = len(p.text) + len(c.text)
+            raise example_too_large(_line_of(path, index), file_param, chars, limit, by_template=True)
+        examples.append(PromptCompletionExample(prompt=p.text, completion=c.text))
+    return examples
 
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".data", ".msgpack", ".h5")
-
-
-def tokenizer_fingerprint(model_dir: Path) -> str:
-    """Hash of a model directory's small files (tokenizer, chat template, config), not its weights."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(model_dir).iterdir()):
-        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name != "grove-model.json":
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def cache_key(file_sha256: str, text_template: str | None, tokenizer_hash: str) -> str:
-    """Identifies one file's encoding: its content, how it is rendered, and the tokenizer."""
-    material = json.dumps([DATA_CACHE_VERSION, file_sha256, text_template, tokenizer_hash])
-    return hashlib.sha256(material.encode()).hexdigest()
-
-
-def load_cached(cache_dir: Path, key: str) -> list[tuple[list[int], list[int]]] | None:
-    import numpy as np
-
-    path = cache_dir / f"{key}.npz"
-    try:
-        with np.load(path) as saved:
-            ids, labels, lengths = saved["input_ids"], saved["labels"], saved["lengths"]
-    except (OSError, KeyError, ValueError):
-        return None  # absent, or unreadable (written by another version): encode again
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    ids_list, labels_list = ids.tolist(), labels.tolist()
-    return [(ids_list[a:b], labels_list[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
-
-
-def store_cached(cache_dir: Path, key: str, encoded: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Path:
-    """Write atomically: a reader sees the whole file or none."""
-    import numpy as np
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
-    flat_ids = np.fromiter((t for ids, _ in encoded for t in ids), dtype=np.int32, count=int(lengths.sum()))
-    flat_labels = np.fromiter((t for _, labs in encoded for t in labs), dtype=np.int32, count=int(lengths.sum()))
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, input_ids=flat_ids, labels=flat_labels, lengths=lengths)
-        os.replace(tmp, cache_dir / f"{key}.npz")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return cache_dir / f"{key}.npz"
-
-
-def encode_cached(
-    load: Callable[[], Sequence[Example]], tokenizer, cache_dir: Path | None, key: str | None
-) -> tuple[list[tuple[list[int], list[int]]], bool]:
-    """(encoded examples, whether they came from the cache). `load` is called only on a miss."""
-    if cache_dir is not None and key is not None:
-        cached = load_cached(cache_dir, key)
-        if cached is not None:
-            return cached, True
-    encoded = encode_examples(load(), tokenizer)
-    if cache_dir is not None and key is not None:
-        store_cached(cache_dir, key, encoded)
-    return encoded, False
+def _line_of(path: Path, index: int) -> int:
+    """The line number of the file's example number `index` (from 0): blank lines hold none."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if raw.strip():
+                index -= 1
+                if index < 0:
+                    return line_no
+    raise IndexError(index)
 
 
 # --- batching ----------------------------------------------------------------------------------------------

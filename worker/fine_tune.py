@@ -6,14 +6,19 @@ so a worker that lost its job (the reconciler gave it to another) cannot overwri
 The job's work directory (`settings.work_dir/<job id>`, a shared volume in production) outlives a dead
 worker: it holds the checkpoints a requeued job resumes from. It is removed once the job is finished
 (succeeded, failed or cancelled), never by a worker that lost the lease. Tokenized files are cached in
-`settings.work_dir/token-cache`, keyed by file content, template and tokenizer.
+`settings.work_dir/token-cache/<project id>`, keyed by project, file content, template and tokenizer: a project
+never learns from a cache hit that another trained on the same file.
+
+A cancel reaches the job while its files are read and tokenized too (JobProgress.check_stop, before each
+example), not only between training steps. Published checkpoints hold the adapter's weights and a manifest,
+never the training state (optimizer, RNG): that stays in the work directory, for resuming.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -31,12 +36,31 @@ from models.model_store import resolve_model
 from models.results import publish_file
 from models.storage import delete_after_commit, get_storage
 from models.transitions import add_event
-from worker.archives import pack_tar, unpack_tar
-from worker.fine_tune_steps import dataset_file, init_archive, plot_losses, write_metrics_csv, write_tensorboard
+from worker.archives import unpack_tar
+from worker.fine_tune_steps import (
+    dataset_file,
+    init_archive,
+    pack_adapter,
+    pack_checkpoint,
+    pack_dir,
+    plot_losses,
+    write_metrics_csv,
+    write_tensorboard,
+)
 from worker.lease import Lease
-from worker.stage_kit import StageProgress, confirm_cancelled, finish, finish_at, load_job, write_under_lease
+from worker.stage_kit import (
+    StageProgress,
+    Stopped,
+    confirm_cancelled,
+    finish,
+    finish_at,
+    load_job,
+    write_under_lease,
+)
 
 log = logging.getLogger(__name__)
+
+STOP_POLL_SECONDS = 0.5  # while the data is prepared, the job's status is read at most this often
 
 
 class JobProgress(StageProgress):
@@ -48,6 +72,7 @@ class JobProgress(StageProgress):
         self.model = job.model
         self.adapter = job.spec.get("adapter")
         self.work_dir = work_dir
+        self._last_poll = 0.0
 
     def on_start(self, total_steps: int, stats: dict) -> None:
         resumed = stats.get("resumed_from_step")
@@ -108,7 +133,7 @@ class JobProgress(StageProgress):
                     select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
                 )
                 if known is None and path.is_dir():
-                    archive = pack_adapter(
+                    archive = pack_checkpoint(
                         path,
                         self.work_dir / f"checkpoint-{step}.tar",
                         {"job_id": self.job_id, "base_model": self.model, "adapter": self.adapter, "step": step},
@@ -160,6 +185,15 @@ class JobProgress(StageProgress):
             self.lease.cancel_requested.set()
         return self.lease.should_stop
 
+    def check_stop(self) -> None:
+        """Raise Stopped once a cancel is asked or the lease lost: called before each example while the data is
+        read and tokenized, so it reads the job's status (as should_stop does) at most every STOP_POLL_SECONDS."""
+        now = time.monotonic()
+        if now - self._last_poll >= STOP_POLL_SECONDS:
+            self._last_poll = now
+            self.should_stop()
+        super().check_stop()
+
 
 def _example_warnings(stats: dict) -> list[tuple[str, dict]]:
     """(message, data) about the training examples that were cut or left out."""
@@ -195,22 +229,11 @@ def _delete_checkpoint(session, checkpoint: Checkpoint) -> None:
     session.delete(checkpoint)
 
 
-def pack_adapter(adapter_dir: Path, archive: Path, manifest: dict) -> Path:
-    """A flat tar of the adapter files plus a manifest: `tar -xf` gives a dir PeftModel can load."""
-    manifest_path = adapter_dir / "grove-manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    return pack_tar(adapter_dir, archive)
-
-
-def pack_dir(directory: Path, archive: Path) -> Path:
-    """The regular files below `directory` (never a symlink), named relative to it (worker/archives.py)."""
-    return pack_tar(directory, archive)
-
-
 def run(job_id: str, lease: Lease) -> None:
     # Heavy imports stay here so that the API and the reconciler never load torch.
-    from worker.data import cache_key, read_training_examples, tokenizer_fingerprint
+    from worker.data import read_training_examples
     from worker.model_setup import merge_model
+    from worker.token_cache import cache_key, project_cache_dir, tokenizer_fingerprint
     from worker.train import DataSource, train_adapter
 
     with session_scope() as session:
@@ -237,28 +260,38 @@ def run(job_id: str, lease: Lease) -> None:
             unpack_tar(storage.fetch(init_key, inputs), init_dir)
         fingerprint = tokenizer_fingerprint(base.path)
 
-        def source(found: tuple[str, str] | None) -> DataSource | None:
+        progress = JobProgress(job, lease, work_dir)
+
+        def source(found: tuple[str, str] | None, param: str) -> DataSource | None:
             if found is None:
                 return None
             key, sha256 = found
             return DataSource(
                 # Fetched only when the tokenization cache misses.
-                load=lambda: read_training_examples(storage.fetch(key, inputs), spec.text_template),
-                cache_key=cache_key(sha256, spec.text_template, fingerprint),
+                load=lambda: read_training_examples(
+                    storage.fetch(key, inputs), spec.text_template, param, progress.check_stop
+                ),
+                cache_key=cache_key(sha256, spec.text_template, fingerprint, project_id=job.project_id),
+                check_stop=progress.check_stop,
             )
 
-        progress = JobProgress(job, lease, work_dir)
-        outcome = train_adapter(
-            spec,
-            base.path,
-            source(training),
-            source(validation),
-            work_dir / "train",
-            progress,
-            init_dir=init_dir,
-            cache_dir=work_root / "token-cache",
-            compile_cache_dir=work_root / "compile-cache",
-        )
+        try:
+            outcome = train_adapter(
+                spec,
+                base.path,
+                source(training, "training_file"),
+                source(validation, "validation_file"),
+                work_dir / "train",
+                progress,
+                init_dir=init_dir,
+                cache_dir=project_cache_dir(work_root / "token-cache", job.project_id),
+                compile_cache_dir=work_root / "compile-cache",
+            )
+        except Stopped:  # raised by progress.check_stop, while the data was read or tokenized: before any step
+            keep_work_dir = lease.lost.is_set()
+            if not keep_work_dir:
+                confirm_cancelled(job.id, lease, "Job cancelled while its training data was being prepared.")
+            return
         if outcome.stopped and lease.lost.is_set():
             keep_work_dir = True  # the job is another worker's now, and so is this directory
             return

@@ -1,9 +1,12 @@
-"""The fine-tuning stage's steps around training (worker/fine_tune.py): finding its input files, and writing
-the result files made of its metrics (a CSV, a loss plot, TensorBoard events)."""
+"""The fine-tuning stage's steps around training (worker/fine_tune.py): finding its input files, packing what it
+publishes (the adapter, its checkpoints without their training state), and writing the result files made of its
+metrics (a CSV, a loss plot, TensorBoard events)."""
 
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 from pathlib import Path
 
 from sqlalchemy import select
@@ -12,6 +15,8 @@ from jobs.fine_tune_spec import FineTuneSpec
 from models.errors import InvalidRequest
 from models.file import File
 from models.job import Checkpoint, Job
+from worker.archives import pack_tar
+from worker.checkpoints import copy_weights
 from worker.stage_kit import project_file
 
 # The first six are the original columns; later ones were added after them.
@@ -75,6 +80,34 @@ def init_archive(session, job: Job, spec: FineTuneSpec) -> str | None:
             code="file_not_found",
         )
     return file.storage_key
+
+
+def pack_adapter(adapter_dir: Path, archive: Path, manifest: dict) -> Path:
+    """A flat tar of the adapter files plus a manifest: `tar -xf` gives a dir PeftModel can load."""
+    manifest_path = adapter_dir / "grove-manifest.json"
+    manifest_path.unlink(missing_ok=True)  # a new file, never written through a link to a checkpoint's
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return pack_tar(adapter_dir, archive)
+
+
+def pack_checkpoint(checkpoint: Path, archive: Path, manifest: dict) -> Path:
+    """A checkpoint as users download it: its weights and a manifest, as pack_adapter packs an adapter.
+
+    Not its training state (optimizer, RNG, progress), which only a resume on the worker reads: what a user
+    downloads is the adapter, safetensors and JSON, and nothing a loader would have to trust."""
+    staged = archive.with_name(f".{archive.name}.files")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        copy_weights(checkpoint, staged)
+        return pack_adapter(staged, archive, manifest)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def pack_dir(directory: Path, archive: Path) -> Path:
+    """The regular files below `directory` (never a symlink), named relative to it (worker/archives.py)."""
+    return pack_tar(directory, archive)
 
 
 def write_metrics_csv(rows: list[dict], path: Path) -> Path:

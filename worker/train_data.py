@@ -1,6 +1,6 @@
 """The data of one training run: the training and validation examples as token rows (read through the
-tokenization cache when they come as a DataSource), the tokenizer that encoded them, and the fixed validation
-subsets that every evaluation of the run reuses."""
+tokenization cache when they come as a DataSource, which may also carry the stage's stop check), the tokenizer
+that encoded them, and the fixed validation subsets that every evaluation of the run reuses."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Any
 from jobs.fine_tune_spec import FineTuneSpec
 from models.datasets import DatasetError, Example
 from models.model_store import load_options
-from worker.data import TokenizedData, encode_cached, finalize
+from worker.data import TokenizedData, finalize
+from worker.token_cache import encode_cached
 
 VALID_SAMPLE_ROWS = 32  # the "small batch" of the per-log-step valid_loss: about 1 % of a step's time each
 FULL_VALID_MAX_ROWS = 1000
@@ -25,7 +26,9 @@ class DataSource:
     """Examples to train or validate on, loaded only if the tokenization cache misses."""
 
     load: Callable[[], Sequence[Example]]
-    cache_key: str | None = None  # worker.data.cache_key(file sha256, template, tokenizer)
+    cache_key: str | None = None  # worker.token_cache.cache_key(file sha256, template, tokenizer, project)
+    # Called before each example is read or encoded; raises to abandon the work (a cancel, a lost lease).
+    check_stop: Callable[[], None] | None = None
 
 
 Examples = Sequence[Example] | DataSource
@@ -75,7 +78,7 @@ def _encode(source, tokenizer, cache_dir: Path | None, max_seq_len: int) -> tupl
     if source is None:
         return finalize([], max_seq_len), None
     if isinstance(source, DataSource):
-        encoded, hit = encode_cached(source.load, tokenizer, cache_dir, source.cache_key)
+        encoded, hit = encode_cached(source.load, tokenizer, cache_dir, source.cache_key, source.check_stop)
         return finalize(encoded, max_seq_len), hit
     encoded, hit = encode_cached(lambda: source, tokenizer, None, None)
     return finalize(encoded, max_seq_len), None

@@ -94,7 +94,7 @@ class TrainingLoop:
     def resume(self, step: int) -> None:
         """Continue after the checkpoint at `step`, whose weights the model was built with."""
         path = checkpoint_dir(self.work_dir, step)
-        state = read_state(path, self.model.setup.device)
+        state = read_state(path)
         if state.get("total_steps") != self.plan.total_steps or state.get("n_rows") != self.plan.n_rows:
             raise RuntimeError(f"checkpoint {path} was written for another schedule or data; refusing to resume")
         self.model.load_optimizer_state(state)

@@ -101,7 +101,8 @@ def test_sigkilled_worker_resumes_from_its_last_checkpoint(live, tmp_path):
     assert cache_states(reference.id) == ["miss"]
     assert cache_states(job.id) == ["hit", "hit"]
 
-    # Checkpoints: the last two plus the best, with metrics, each downloadable with its training state.
+    # Checkpoints: the last two plus the best, with metrics, each downloadable: the adapter, without the
+    # training state (it stays on the worker, for resuming).
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id, limit=100))
     steps = sorted(c.step_number for c in checkpoints)
     best = done.model_extra["result"]["best_step"]
@@ -112,7 +113,8 @@ def test_sigkilled_worker_resumes_from_its_last_checkpoint(live, tmp_path):
     archive = download(live.base_url, key, latest.model_extra["file_id"])
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
         names = set(tar.getnames())
-    assert {"adapter_model.safetensors", "adapter_config.json", "training_state.pt", "grove-manifest.json"} <= names
+    assert {"adapter_model.safetensors", "adapter_config.json", "grove-manifest.json"} <= names
+    assert not any(name.startswith("training_state") for name in names)
 
     # The other result files: metrics CSV, loss plot, TensorBoard events.
     _, metrics_id, plot_id, tensorboard_id = done.result_files

@@ -127,7 +127,8 @@ def test_checkpoints_at_epoch_ends(trained):
         assert sorted(p.name for p in path.iterdir() if p.suffix != ".md") == [
             "adapter_config.json",
             "adapter_model.safetensors",
-            "training_state.pt",
+            "training_state.json",
+            "training_state.safetensors",
         ]
         assert metrics["full_valid_loss"] is not None
 

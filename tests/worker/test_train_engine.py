@@ -14,19 +14,17 @@ from safetensors.torch import load_file
 from models.datasets import PromptCompletionExample, TextExample
 from tests.conftest import write_jsonl
 from tests.worker.test_train import RecordingHooks, chat_examples, make_spec
-from worker.checkpoints import STATE_FILE, checkpoint_steps, kept_checkpoints
+from worker.checkpoints import checkpoint_steps, kept_checkpoints, read_state
 from worker.data import (
     IGNORE_INDEX,
-    cache_key,
     collate,
     collate_packed,
-    encode_cached,
     pack_rows,
     read_training_examples,
     tokenize_examples,
-    tokenizer_fingerprint,
 )
 from worker.model_setup import merge_model
+from worker.token_cache import cache_key, encode_cached, tokenizer_fingerprint
 from worker.train import train_adapter
 from worker.train_plan import epoch_batches, lr_factor
 
@@ -343,13 +341,13 @@ def test_tokenization_cache_by_content_hash(tiny_model_dir, tiny_tokenizer, tmp_
         calls.append(1)
         return examples
 
-    key = cache_key("ab" * 32, None, tokenizer_fingerprint(tiny_model_dir))
+    key = cache_key("ab" * 32, None, tokenizer_fingerprint(tiny_model_dir), project_id="proj-a")
     first, hit1 = encode_cached(load, tiny_tokenizer, tmp_path, key)
     second, hit2 = encode_cached(load, tiny_tokenizer, tmp_path, key)
     assert (hit1, hit2, len(calls)) == (False, True, 1)
     assert first == second
-    assert key != cache_key("ab" * 32, "{x}", tokenizer_fingerprint(tiny_model_dir))
-    assert key != cache_key("cd" * 32, None, tokenizer_fingerprint(tiny_model_dir))
+    assert key != cache_key("ab" * 32, "{x}", tokenizer_fingerprint(tiny_model_dir), project_id="proj-a")
+    assert key != cache_key("cd" * 32, None, tokenizer_fingerprint(tiny_model_dir), project_id="proj-a")
     (tmp_path / f"{key}.npz").write_bytes(b"garbage")  # unreadable: encoded again, not trusted
     third, hit3 = encode_cached(load, tiny_tokenizer, tmp_path, key)
     assert (hit3, third) == (False, first)
@@ -374,7 +372,7 @@ def test_checkpoints_every_n_steps_keep_last_k_and_best(tiny_model_dir, tmp_path
     best = min(hooks.checkpoints, key=lambda c: c[2]["full_valid_loss"])[0]
     assert outcome.best_step == best
     assert checkpoint_steps(tmp_path) == sorted({8, 9, best}) == hooks.kept
-    state = torch.load(tmp_path / "checkpoints" / "step-9" / STATE_FILE, weights_only=False)
+    state = read_state(tmp_path / "checkpoints" / "step-9")
     assert state["step"] == 9 and state["data_position"] == {"epoch": 3, "batch": 3}
     assert {"optimizer", "rng", "metrics_rows"} <= set(state)
     # Metrics carry what the progress events need.
