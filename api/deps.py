@@ -2,7 +2,8 @@
 
 A key is looked up by its sha256 (models/project.py), never compared with a stored key. Its scope decides
 what it reaches: a project key its own project's resources (`ProjectDep`), an admin key the key management
-routes (`AdminDep`); each gets 403 on the other's routes.
+routes (`AdminDep`); each gets 403 on the other's routes. A key found valid is noted in
+`api.limits.verified_keys`, so that the rate limits count its next requests per key rather than per address.
 
 JSON reads (the GET routes that answer from the database: objects, lists, events) take `ProjectReadDep` or
 `AdminReadDep` instead: the route is `async` and awaits `read(lambda session, project: ...)`, which opens a
@@ -27,6 +28,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from api.limits import verified_keys
 from models.config import get_settings
 from models.db import get_read_sessionmaker, session_scope
 from models.errors import PermissionDenied, Unauthorized
@@ -66,10 +68,18 @@ _KEY_LOOKUP = (
 )
 
 
+def presented_key_hash(request: Request) -> str:
+    """The sha256 of the request's key (401 when it has none), as keys are stored and counted."""
+    return hash_key(bearer_key(request))
+
+
 def _caller(request: Request, session: Session) -> Caller:
-    found = session.execute(_KEY_LOOKUP, {"key_hash": hash_key(bearer_key(request))}).first()
+    key_hash = presented_key_hash(request)
+    found = session.execute(_KEY_LOOKUP, {"key_hash": key_hash}).first()
     if found is None:
+        verified_keys.discard(key_hash)
         raise Unauthorized("Incorrect API key provided.")
+    verified_keys.add(key_hash)  # which rate-limit counter its next requests go to (api/limits.py)
     key_id, scope, project_id, name, created_at = found
     # The project as a plain (untracked) copy of its row: services read its id. Loading the key and the
     # project as ORM entities took about three times as long as this one row (measured in-process).

@@ -45,6 +45,7 @@ ENV = (
         "GROVE_FINE_TUNE_QUEUE": f"grove-ab-{uuid.uuid4().hex[:6]}",  # nobody consumes it
         "GROVE_RUN_RECONCILER": "false",
         "GROVE_RUN_WEBHOOK_SENDER": "false",
+        "GROVE_RATE_LIMIT": "off",  # wrk polls with one key, far past the default 1200/minute
     }
 )
 LATENCY_SCRIPT = """

@@ -57,9 +57,26 @@ class Settings(BaseSettings):
         "of the p99 (docs/RELIABILITY.md, Load). Raise it when the database is far (each read waits a round trip).",
     )
     rate_limit: str | None = Field(
-        None,
-        description="Requests each API key may make, in the limits library's notation ('100/second', "
-        "'6000 per minute; 200 per second'); past it 429 with Retry-After. Unset: no rate limit.",
+        "1200/minute",
+        description="Requests each valid API key may make, in the limits library's notation ('100/second', "
+        "'6000 per minute; 200 per second'); past it 429 with Retry-After. Empty or 'off': no limit per key.",
+    )
+    address_rate_limit: str | None = Field(
+        "600/minute",
+        description="Requests without a valid API key (none, unknown, revoked) each client address may make, in "
+        "the same notation; past it 429 with Retry-After. Empty or 'off': not limited.",
+    )
+    auth_failure_rate_limit: str | None = Field(
+        "120/minute",
+        description="Requests with a key that fails authentication (unknown, revoked, malformed) each client "
+        "address may make; past it they get 429 instead of 401. Valid keys from that address are not affected. "
+        "Empty or 'off': not limited.",
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated addresses or CIDR networks of reverse proxies whose X-Forwarded-For names "
+        "the client address the rate limits count. Empty: X-Forwarded-For is ignored and the peer's address is "
+        "the client's.",
     )
     rate_limit_strategy: Literal["moving-window", "fixed-window"] = Field(
         "moving-window", description="How requests are counted: a moving window (exact) or fixed windows (cheaper)."
@@ -134,6 +151,20 @@ class Settings(BaseSettings):
         "monitoring network reaches the API. Off for the embedded run.",
     )
     sse_heartbeat_seconds: float = Field(15.0, description="Comment line sent on idle event streams this often.")
+    max_streams_per_key: int = Field(
+        8,
+        ge=1,
+        description="Event streams (GET .../events?stream=true) one API key may hold open at once in one API "
+        "process; one more gets 429 too_many_streams.",
+    )
+    sse_key_recheck_seconds: float = Field(
+        30.0, gt=0, description="How often an open event stream checks that its key is still valid (not revoked)."
+    )
+    sse_max_stream_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Longest an event stream stays open; the client then reconnects with Last-Event-ID.",
+    )
     log_format: str = Field("json", description="Log lines as 'json' (one object per line) or 'text'.")
     log_level: str = Field("INFO", description="Log level of the API and worker processes.")
 

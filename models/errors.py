@@ -66,6 +66,12 @@ class TooManyJobs(GroveError):
     code = "too_many_jobs"
 
 
+class TooManyStreams(GroveError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "too_many_streams"
+
+
 class RateLimited(GroveError):
     status_code = 429
     type = "rate_limit_error"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import string
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+URL_SAFE = set(string.ascii_letters + string.digits + "-_")
 keys = typer.Typer(help="Projects and API keys (operator: talks to the database directly).", no_args_is_help=True)
 
 
@@ -66,19 +68,48 @@ def bootstrap(
     key_file: Annotated[Path, typer.Option(help="Where the bootstrap key is kept.")] = Path("var/api-key"),
     project: Annotated[str, typer.Option(help="Project of the bootstrap key.")] = "default",
 ) -> None:
-    """Create the first project and key once, store the key in KEY_FILE (mode 600), print it. (Operator.)"""
+    """Create the first project and key once, store the key in KEY_FILE (mode 600), print it. (Operator.)
+
+    A key already in KEY_FILE is printed if the database knows it. One it does not know (the database was
+    made anew, by `make clean` say) is registered for PROJECT; one it knows as revoked, or that is no key
+    this service made, is replaced by a new key. Either is said on stderr: stdout is the key alone."""
+    from sqlalchemy import select
+
     from api.services.keys import create_key, get_or_create_project
     from models.db import session_scope
+    from models.project import ApiKey, hash_key
 
-    if key_file.exists() and key_file.read_text().strip():
-        typer.echo(key_file.read_text().strip())
-        return
+    kept = key_file.read_text().strip() if key_file.exists() else ""
+    note = None
     with session_scope() as session:
-        key = create_key(session, get_or_create_project(session, project))
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.touch(mode=0o600)
-    key_file.write_text(key + "\n")
+        row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(kept))) if kept else None
+        if row is not None and row.revoked_at is None:
+            key = kept
+        elif kept and row is None and _made_here(kept):
+            owner = get_or_create_project(session, project)
+            session.add(ApiKey(project_id=owner.id, key_hash=hash_key(kept), hint=kept[:10]))
+            key, note = kept, f"this database did not know the key there; registered it for project {project!r}"
+        else:
+            key = create_key(session, get_or_create_project(session, project))
+            if kept:
+                why = "was revoked" if row is not None else "is not a key this service made"
+                note = f"the key there {why}; wrote a new key for project {project!r}"
+    if key != kept:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.touch(mode=0o600)
+        key_file.chmod(0o600)
+        key_file.write_text(key + "\n")
+    if note:
+        typer.echo(f"{key_file}: {note}.", err=True)
     typer.echo(key)
+
+
+def _made_here(key: str) -> bool:
+    """Shaped as `generate_key` makes keys: the prefix and 32 random bytes (43 URL-safe characters)."""
+    from models.project import KEY_PREFIX
+
+    body = key.removeprefix(KEY_PREFIX)
+    return key.startswith(KEY_PREFIX) and len(body) == 43 and set(body) <= URL_SAFE
 
 
 def reconcile(

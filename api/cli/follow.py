@@ -1,8 +1,9 @@
 """Following a job live: its Server-Sent Events stream, drawn as a progress bar (or printed as JSON lines).
 
 The stream (`GET .../events?stream=true`) is read with httpx-sse; a dropped connection is resumed with
-`Last-Event-ID`, so no event is shown twice or missed. The server closes the stream after the job's
-terminal event; the final job object is then read once more for its status and error.
+`Last-Event-ID`, so no event is shown twice or missed, and so is a stream the server closed before the job
+ended (its lifetime is bounded). The server closes the stream after the job's terminal event; the final job
+object is then read once more for its status and error.
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ def stream_events(client: Client, job_path: str, after: str | None = None) -> It
                     if (event := _job_event(frame)) is not None:
                         last_id = event.id or last_id
                         yield event
-            return  # the server closed the stream after the terminal event
+            # The server closes a stream after the job's terminal event, and also at the stream's lifetime
+            # (GROVE_SSE_MAX_STREAM_SECONDS): then it goes on after the last event received.
+            if client.get(job_path).get("status") in TERMINAL:
+                return
         except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
             failures += 1
             if failures > RECONNECTS:

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import ProjectDep, ProjectReadDep, SessionDep
+from api.deps import ProjectDep, ProjectReadDep, SessionDep, presented_key_hash
 from api.schemas.common import ListObject
 from api.schemas.fine_tuning import (
     CheckpointObject,
@@ -59,6 +59,7 @@ def cancel_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTun
 
 @router.get("/{job_id}/events", response_model=ListObject[FineTuningJobEventObject])
 async def list_events(
+    request: Request,
     read: ProjectReadDep,
     job_id: str,
     after: str | None = None,
@@ -66,10 +67,13 @@ async def list_events(
     stream: Annotated[bool, Query(description="Server-Sent Events, oldest first, until the job ends.")] = False,
     last_event_id: Annotated[str | None, Header(description="Resume a stream after this event.")] = None,
 ) -> ListObject[FineTuningJobEventObject] | StreamingResponse:
+    key = presented_key_hash(request)  # streams are counted and re-checked per key
+
     def run(session, project):
         if stream:
             render = lambda event: FineTuningJobEventObject.from_row(event).model_dump(mode="json")  # noqa: E731
-            return event_stream.open_stream(session, project, job_id, JobKind.fine_tune, last_event_id or after, render)
+            cursor = last_event_id or after
+            return event_stream.open_stream(session, project, key, job_id, JobKind.fine_tune, cursor, render)
         rows, has_more = fine_tuning.list_events(session, project, job_id, after, limit)
         return ListObject.of([FineTuningJobEventObject.from_row(r) for r in rows], has_more)
 

@@ -69,6 +69,7 @@ def fuzz_target(database, tiny_model, webhook_receiver):
             "GROVE_RUN_WEBHOOK_SENDER": "false",
             "GROVE_WEBHOOK_ALLOW_PUBLIC": "false",  # no DNS lookups of generated host names
             "GROVE_LOG_LEVEL": "WARNING",
+            "GROVE_RATE_LIMIT": "off",  # one key sends thousands of requests a minute (tests/security for limits)
         },
     ).start(worker=False)
     with session_scope() as session:

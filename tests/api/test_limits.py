@@ -108,8 +108,8 @@ def test_storage_follows_the_broker():
     assert limiter_storage_url(Settings(rate_limit_storage_url="redis://r/1")) == "async+redis://r/1"
 
 
-def test_the_rate_limit_is_off_by_default():
-    assert get_settings().rate_limit is None
+def test_the_rate_limit_is_on_by_default():  # issue 16: it was off (tests/security/test_rate_limits.py)
+    assert get_settings().rate_limit == "1200/minute"
 
 
 @pytest.fixture
