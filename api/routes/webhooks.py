@@ -13,12 +13,12 @@ from functools import lru_cache
 from typing import Annotated
 
 import anyio.to_thread
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from limits import parse_many
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from api.deps import ProjectDep, ProjectReadDep, SessionDep, bearer_key
+from api.deps import ProjectDep, ProjectReadDep, Read, SessionDep, bearer_key
 from api.errors import error_response
 from api.limits import limiter_storage_url
 from api.schemas.common import ListObject
@@ -37,7 +37,7 @@ from api.schemas.webhooks import (
 from api.services import webhooks as service
 from models.config import get_settings
 from models.errors import RateLimited
-from models.project import hash_key
+from models.project import Project, hash_key
 from models.webhook import EVENT_TYPES
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,19 @@ def _tests_wait(key: str) -> int | None:
     return None
 
 
+async def _key_checked_first(read: ProjectReadDep) -> Read[Project]:
+    # FastAPI parses a route's body before the route runs, and a read checks the key only when called: check it
+    # here, as a dependency (run before the body), so that a revoked key is a 401 and never a 400 about the body.
+    await read(lambda _session, _project: None)
+    return read
+
+
 @router.post("/webhook_endpoints/{webhook_endpoint_id}/test", response_model=WebhookEndpointTestResult)
 async def test_endpoint(
-    request: Request, read: ProjectReadDep, webhook_endpoint_id: str, body: TestWebhookEndpoint
+    request: Request,
+    read: Annotated[Read[Project], Depends(_key_checked_first)],
+    webhook_endpoint_id: str,
+    body: TestWebhookEndpoint,
 ) -> WebhookEndpointTestResult | Response:
     # Read, and give the connection back before the POST: a slow endpoint must not hold database sessions.
     sample = await read(
