@@ -1,16 +1,19 @@
-"""Test environment: a fresh PostgreSQL database built by alembic, Redis, and live server processes.
+"""Test environment: throwaway PostgreSQL and Redis servers, a fresh database built by alembic, and live
+server processes.
 
-The environment is set before any project module reads its settings. Each test gets its own project
-and key, so tests are isolated by the same tenancy rules the service enforces.
+Unless GROVE_TEST_PG_ADMIN_URL / GROVE_TEST_REDIS_URL point at servers of the caller's choosing, this module
+starts its own (tests/servers.py, binaries from PyPI packages) on free ports as it is imported, before any project
+module reads its settings, and stops them when the session ends. Each test gets its own project and key, so tests
+are isolated by the same tenancy rules the service enforces.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,14 +23,45 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import PostgresServer, RedisServer, free_port
+
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = uuid.uuid4().hex[:8]
-PG_ADMIN_URL = os.environ.get("GROVE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-PG_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/grove_test_{RUN_ID}"
-REDIS_URL = os.environ.get("GROVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-TMP = Path(tempfile.mkdtemp(prefix=f"grove-test-{RUN_ID}-"))
-MODEL_STORE = Path(os.environ.get("GROVE_MODEL_STORE_DIR", REPO / "var" / "models")).resolve()
 DATA = REPO.parent / "shared" / "data"
+# What the tests read of ../shared/data (emotion_rows below); offsets reach past row 7,000.
+DATA_FILES = [DATA / "emotion" / "train.jsonl"]
+
+TMP = Path(tempfile.mkdtemp(prefix=f"grove-test-{RUN_ID}-"))
+# Started here, not in a fixture: the URLs must be in the environment before the first settings object is built.
+PG_SERVER: PostgresServer | None = None
+REDIS_SERVER: RedisServer | None = None
+
+
+def _stop_servers() -> None:
+    global PG_SERVER, REDIS_SERVER
+    for server in (REDIS_SERVER, PG_SERVER):
+        if server is not None:
+            server.destroy()
+    PG_SERVER = REDIS_SERVER = None
+    shutil.rmtree(TMP, ignore_errors=True)
+
+
+# pytest_unconfigure stops them at the end of a session; this covers an interrupt or an exit before it.
+atexit.register(_stop_servers)
+if "GROVE_TEST_PG_ADMIN_URL" in os.environ:
+    PG_ADMIN_URL = os.environ["GROVE_TEST_PG_ADMIN_URL"]
+else:
+    PG_SERVER = PostgresServer(prefix=f"grove-test-{RUN_ID}-pg-")  # assigned first: atexit removes a failed one
+    PG_SERVER.init().start()
+    PG_ADMIN_URL = PG_SERVER.url
+if "GROVE_TEST_REDIS_URL" in os.environ:
+    REDIS_URL = os.environ["GROVE_TEST_REDIS_URL"]
+else:
+    REDIS_SERVER = RedisServer(prefix=f"grove-test-{RUN_ID}-redis-")
+    REDIS_SERVER.start()
+    REDIS_URL = REDIS_SERVER.url
+PG_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/grove_test_{RUN_ID}"
+MODEL_STORE = Path(os.environ.get("GROVE_MODEL_STORE_DIR", REPO / "var" / "models")).resolve()
 
 # The in-process API (TestClient) publishes to a queue nobody consumes; live stacks get their own.
 os.environ.update(
@@ -44,6 +78,12 @@ os.environ.update(
         "GROVE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # Every test calls from one address (the TestClient's, or 127.0.0.1), so per-address counters would be
+        # shared by the whole run: one test's 401s would count against the next test. The per-key limit stays
+        # at its default (each test has its own key); the tests of the address limits set their own rates and
+        # call from addresses of their own (tests/security/test_rate_limits.py).
+        "GROVE_ADDRESS_RATE_LIMIT": "off",
+        "GROVE_AUTH_FAILURE_RATE_LIMIT": "off",
     }
 )
 
@@ -77,7 +117,31 @@ def database():
 
     get_engine().dispose()
     _admin_execute(f'DROP DATABASE IF EXISTS "grove_test_{RUN_ID}" WITH (FORCE)')
-    shutil.rmtree(TMP, ignore_errors=True)
+
+
+def pytest_configure(config):
+    missing = [str(path) for path in DATA_FILES if not path.is_file()]
+    if missing:
+        raise pytest.UsageError(f"test data missing: {', '.join(missing)} (read from ../shared/data beside the repo)")
+
+
+def pytest_unconfigure(config):
+    _stop_servers()
+
+
+LIVE_FIXTURES = {"live", "embedded", "chaos_stack"}
+CHAOS_DIR = REPO / "tests" / "chaos"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`chaos` for tests/chaos, `live` for tests that start API and worker processes (a live fixture, or a module
+    that builds its own Stack), so that `-m "not live"` is the quick in-process run."""
+    for item in items:
+        if CHAOS_DIR in item.path.parents:
+            item.add_marker(pytest.mark.chaos)
+        module = getattr(item, "module", None)
+        if LIVE_FIXTURES & set(getattr(item, "fixturenames", ())) or getattr(module, "Stack", None) is Stack:
+            item.add_marker(pytest.mark.live)
 
 
 @pytest.fixture(scope="session")
@@ -140,12 +204,6 @@ def prompt_completion_rows(n: int) -> list[dict]:
 
 
 # --- live processes -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:

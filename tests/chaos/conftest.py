@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import tempfile
-import time
 import uuid
+from pathlib import Path
 
 import pytest
-import redis
 
-from tests.conftest import Stack, free_port
+from tests.conftest import Stack
+from tests.servers import RedisServer
 
 FULL = os.environ.get("GROVE_CHAOS_FULL") == "1"
 
@@ -22,52 +20,21 @@ def scale(ci: int, full: int) -> int:
     return full if FULL else ci
 
 
-class PrivateRedis:
-    """A Redis of the test's own, so that stopping and flushing it touches nobody else."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "/usr/bin/redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
+def pytest_collection_modifyitems(config, items):
+    if not FULL:
+        return
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.timeout(3600))  # full scale runs past the suite's per-test limit
 
 
 @pytest.fixture
 def private_redis():
-    server = PrivateRedis()
-    server.start()
+    """A Redis of the test's own, so that stopping and flushing it touches nobody else."""
+    server = RedisServer(prefix="grove-chaos-redis-").start()
     yield server
-    server.stop()
+    server.destroy()
 
 
 @pytest.fixture

@@ -4,80 +4,22 @@ database and gives the job back, and the job resumes and succeeds."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.chaos.test_faults import SPEC, TERMINAL, client_for, dataset, upload, wait_all
-from tests.conftest import REPO, Stack, alembic, free_port
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-class PrivatePostgres:
-    """A PostgreSQL cluster of the test's own (run as the postgres user), so stopping it hurts nobody."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="grove-pg-"))
-        shutil.chown(self.dir, "postgres")
-        self.data = self.dir / "data"
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _as_postgres(self, *args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, cwd=self.dir)
-
-    def init(self) -> None:
-        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
-
-    def start(self) -> None:
-        self._as_postgres(
-            str(PG_BIN / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-w",
-            "-l",
-            str(self.dir / "log"),
-            "-o",
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1",
-            "start",
-        )
-
-    def stop(self) -> None:
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-    def destroy(self) -> None:
-        subprocess.run(
-            [
-                "runuser",
-                "-u",
-                "postgres",
-                "--",
-                str(PG_BIN / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-m",
-                "immediate",
-                "stop",
-            ],
-            capture_output=True,
-        )
-        shutil.rmtree(self.dir, ignore_errors=True)
+from tests.conftest import REPO, Stack, alembic
+from tests.servers import PostgresServer
 
 
 @pytest.fixture
 def private_postgres():
-    if not (PG_BIN / "initdb").exists() or shutil.which("runuser") is None:
-        pytest.skip("needs PostgreSQL 15 server binaries and runuser")
-    server = PrivatePostgres()
-    server.init()
-    server.start()
+    """A PostgreSQL cluster of the test's own, so that stopping it hurts nobody else."""
+    server = PostgresServer(prefix="grove-chaos-pg-", max_connections=100).init().start()
     yield server
     server.destroy()
 

@@ -1,7 +1,7 @@
 """The read-only page at `/`, rendered by headless Chromium (Debian's `chromium`) against a live server.
 
-.ci/run installs chromium; the test is skipped where it is missing. GROVE_UPDATE_SCREENSHOT=1 also saves
-the screenshot as docs/page.png.
+Chromium is optional (`make test` names it when missing): the test is skipped without it.
+GROVE_UPDATE_SCREENSHOT=1 also saves the screenshot as docs/page.png.
 """
 
 from __future__ import annotations

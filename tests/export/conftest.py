@@ -26,12 +26,6 @@ from tests.conftest import emotion_rows, new_key
 HERE = Path(__file__).resolve().parent
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: builds or trains the 135M smollm2 model; opt in with -m slow or GROVE_SLOW_TESTS=1"
-    )
-
-
 def pytest_collection_modifyitems(config, items):
     markexpr = config.getoption("-m", default="") or ""
     if "slow" in markexpr or os.environ.get("GROVE_SLOW_TESTS") == "1":

@@ -265,6 +265,7 @@ def _cuda_ready() -> bool:
         return False
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device and onnxruntime-genai built with CUDA")
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
 def test_cuda_multi_export(client, trained, precision):

@@ -17,12 +17,6 @@ from worker.prepare_models import ensure_model
 REPO = Path(__file__).resolve().parents[2]
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: builds or trains the 135M smollm2 model; opt in with -m slow or GROVE_SLOW_TESTS=1"
-    )
-
-
 def pytest_collection_modifyitems(config, items):
     markexpr = config.getoption("-m", default="") or ""
     if "slow" in markexpr or os.environ.get("GROVE_SLOW_TESTS") == "1":
