@@ -2,8 +2,9 @@
 
 A key is looked up by its sha256 (models/project.py), never compared with a stored key. Its scope decides
 what it reaches: a project key its own project's resources (`ProjectDep`), an admin key the key management
-routes (`AdminDep`); each gets 403 on the other's routes. A key found valid is noted in
-`api.limits.verified_keys`, so that the rate limits count its next requests per key rather than per address.
+routes (`AdminDep`); each gets 403 on the other's routes. A request that repeats the Authorization header
+gets 400 and no key is checked. A key found valid is noted in `api.limits.verified_keys`, so that the rate
+limits count its next requests per key rather than per address.
 
 JSON reads (the GET routes that answer from the database: objects, lists, events) take `ProjectReadDep` or
 `AdminReadDep` instead: the route is `async` and awaits `read(lambda session, project: ...)`, which opens a
@@ -31,7 +32,7 @@ from sqlalchemy.orm import Session
 from api.limits import verified_keys
 from models.config import get_settings
 from models.db import get_read_sessionmaker, session_scope
-from models.errors import PermissionDenied, Unauthorized
+from models.errors import InvalidRequest, PermissionDenied, Unauthorized
 from models.project import ADMIN_SCOPE, PROJECT_SCOPE, ApiKey, Project, hash_key
 
 
@@ -45,7 +46,15 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def bearer_key(request: Request) -> str:
-    header = request.headers.get("authorization", "")
+    presented = request.headers.getlist("authorization")
+    if len(presented) > 1:
+        # Which one counts would be a guess, and not the same guess everywhere: the rate limits read the last,
+        # this the first, so a valid key sent after a wrong one would spare the wrong one the throttle on failed
+        # authentication (api/limits.py). RFC 6750 makes a repeated credential a 400.
+        raise InvalidRequest(
+            f"Send one Authorization header; this request has {len(presented)}.", param="authorization"
+        )
+    header = presented[0] if presented else ""
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("Missing API key. Send 'Authorization: Bearer <key>'.")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import sys
 
 from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
@@ -14,6 +16,7 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import GroveError, InvalidRequest, ServiceUnavailable
+from models.request_body import find_value
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,44 @@ def _param_from_loc(loc: tuple) -> str | None:
     return ".".join(parts) or (str(loc[0]) if loc else None)
 
 
+# Bytes that are not UTF-8, decoded with surrogateescape, become the code points U+DC80 to U+DCFF.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _escaped_byte(value: object) -> str | None:
+    if isinstance(value, str) and _ESCAPED_BYTE.search(value):
+        return "is not valid UTF-8"
+    return None
+
+
+async def _unreadable_body(request: Request, cause: BaseException) -> InvalidRequest | None:
+    """Why FastAPI could not read a JSON body, as FastAPI's own answer ("There was an error parsing the body")
+    does not say; None when the cause is none of these."""
+    if isinstance(cause, RecursionError):
+        return InvalidRequest("Request body: arrays and objects are nested too deeply to read.")
+    if isinstance(cause, UnicodeDecodeError):
+        where = f"byte 0x{cause.object[cause.start]:02x} at offset {cause.start} of the body"
+        # Decoded again, keeping the bytes that are not UTF-8, to say which field holds them.
+        try:
+            decoded = json.loads((await request.body()).decode("utf-8", "surrogateescape"))
+        except (ValueError, RecursionError):
+            return InvalidRequest(f"Request body is not valid UTF-8 ({where}).")
+        found = find_value(decoded, _escaped_byte)
+        if found is None or not found.loc:
+            what = "a field name" if found is not None and found.in_key else "it"
+            return InvalidRequest(f"Request body is not valid UTF-8: {what} holds {where}.")
+        param = _param_from_loc(("body", *found.loc))
+        if found.in_key:
+            return InvalidRequest(f"{param}: a key of this object is not valid UTF-8 ({where}).", param=param)
+        return InvalidRequest(f"{param}: not valid UTF-8 ({where}).", param=param)
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        # How json.loads refuses an integer literal longer than sys.get_int_max_str_digits().
+        return InvalidRequest(
+            f"Request body holds a number of more than {sys.get_int_max_str_digits()} digits, which no field takes."
+        )
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     document_errors(app)
 
@@ -102,11 +143,20 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "extra_forbidden":
             message = "Unknown field."
         if first.get("type") == "json_invalid":
-            message = "Request body is not valid JSON."
+            # Its location is ("body", the character offset): no field to name.
+            reason = (first.get("ctx") or {}).get("error")
+            where = (
+                f": {reason.removesuffix(' at')} at character {first['loc'][-1]}" if reason and first.get("loc") else ""
+            )
+            param, message = None, f"Request body is not valid JSON{where}."
         return error_response(InvalidRequest(f"{param}: {message}" if param else message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            unreadable = await _unreadable_body(request, exc.__cause__)
+            if unreadable is not None:
+                return error_response(unreadable)
         error = GroveError(str(exc.detail))
         error.status_code = exc.status_code
         error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"

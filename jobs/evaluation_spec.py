@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.request_body import RequestBody
+
 RESULTS_PURPOSE = "evaluation-results"
 
 Metric = Literal["loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "rouge_l", "bleu"]
@@ -211,7 +213,7 @@ class TargetRequest(BaseModel):
         return self
 
 
-class CreateEvaluation(EvaluationSettings):
+class CreateEvaluation(EvaluationSettings, RequestBody):
     evaluation_file: str = Field(description="Id of an uploaded JSONL (purpose fine-tune) to score the targets on.")
     targets: list[str | dict[str, Any]] = Field(
         min_length=1,

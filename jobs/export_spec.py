@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import get_settings
+from models.request_body import RequestBody
 
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
 Provider = Literal["cpu", "cuda"]
@@ -185,7 +186,7 @@ def export_queue(provider: str) -> str:
     return settings.export_cpu_queue or settings.fine_tune_queue
 
 
-class CreateExport(ExportOptions):
+class CreateExport(ExportOptions, RequestBody):
     """POST /v1/exports: a source plus the export options (precision, provider, adapter mode, ...)."""
 
     model_config = ConfigDict(extra="forbid")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.evaluation_spec import EvaluationSettings
 from jobs.export_spec import ExportOptions
+from models.request_body import RequestBody
 
 AUTO = "auto"
 # In a text_template, marks where the trained completion starts: "Text: {text}\nEmotion:<|completion|> {label}".
@@ -239,7 +240,7 @@ class Method(BaseModel):
     supervised: SupervisedMethod | None = None
 
 
-class CreateFineTuningJob(TrainingOptions):
+class CreateFineTuningJob(TrainingOptions, RequestBody):
     """OpenAI's create request; the fields of TrainingOptions (adapter, max_steps, lr_scheduler, packing, ...)
     are Grove's extensions, sent by the SDK via `extra_body`."""
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from jobs.evaluation_spec import METRICS, EvaluationSettings
 from jobs.fine_tune_spec import AdapterConfig, CreateFineTuningJob, Hyperparameters, TrainingOptions
 from models.errors import InvalidRequest
+from models.request_body import RequestBody
 
 RESULTS_PURPOSE = "sweep-results"
 # Child job metadata keys that tie a trial (and its evaluation) to its sweep.
@@ -245,7 +246,7 @@ class SweepSpec(SweepSettings):
 # --- the search space's rules -------------------------------------------------------------------------------
 
 
-class CreateSweep(SweepSettings):
+class CreateSweep(SweepSettings, RequestBody):
     fine_tuning: CreateFineTuningJob = Field(
         description="The base fine-tuning request (the body of POST /v1/fine_tuning/jobs); each trial is this "
         "request with the searched parameters set."

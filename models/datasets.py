@@ -4,12 +4,17 @@ Three shapes are accepted, decided by the first example and required of every li
 - chat: {"messages": [{"role": ..., "content": ..., "weight": 0|1}, ...]}
 - prompt/completion: {"prompt": "...", "completion": "..."}
 - fields: any JSON object, rendered to text by the job's `text_template`.
+
+An upload's errors name their lines: the first MAX_LINE_ERRORS of them, and how many more there are. Each error
+shows at most MAX_SHOWN characters of a value from the file (and a list of the file's fields at most
+MAX_FIELDS_SHOWN names), so that the answer stays small whatever the file.
 """
 
 from __future__ import annotations
 
 import json
 import string
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +25,9 @@ from models.errors import InvalidRequest
 
 DatasetFormat = Literal["chat", "prompt_completion", "fields"]
 ROLES = {"system", "user", "assistant", "tool", "developer"}
+MAX_LINE_ERRORS = 20
+MAX_SHOWN = 40
+MAX_FIELDS_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,45 @@ class DatasetError(InvalidRequest):
         super().__init__(f"line {line}: {message}" if line else message, param=param, code="invalid_file")
 
 
+def _clipped(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
+
+
+def _shown(value: object) -> str:
+    """A value from a file as an error message quotes it: a string's repr or a number, cut to MAX_SHOWN
+    characters; an array or object by its kind alone."""
+    if isinstance(value, str):
+        return repr(value[:MAX_SHOWN]) + ("..." if len(value) > MAX_SHOWN else "")
+    if isinstance(value, dict | list):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    return _clipped(repr(value))
+
+
+class LineErrors:
+    """The errors of a file's lines, kept up to MAX_LINE_ERRORS and counted beyond."""
+
+    def __init__(self) -> None:
+        self.kept: list[DatasetError] = []
+        self.count = 0
+
+    def add(self, error: DatasetError) -> None:
+        self.count += 1
+        if len(self.kept) < MAX_LINE_ERRORS:
+            self.kept.append(error)
+
+    def raise_any(self) -> None:
+        if not self.kept:
+            return
+        if self.count == 1:
+            raise self.kept[0]
+        message = "; ".join(error.message for error in self.kept)
+        if self.count > len(self.kept):
+            message += f"; and {self.count - len(self.kept):,} more bad lines ({self.count:,} in all)"
+        error = DatasetError(message)
+        error.line = self.kept[0].line
+        raise error
+
+
 def _shape_of(record: dict) -> DatasetFormat:
     if "messages" in record:
         return "chat"
@@ -77,7 +124,7 @@ def _check_chat(record: dict, line: int) -> None:
         if role is None:
             raise DatasetError(f"messages[{i}] is missing key 'role'", line)
         if role not in ROLES:
-            raise DatasetError(f"messages[{i}] has unknown role {role!r}", line)
+            raise DatasetError(f"messages[{i}] has unknown role {_shown(role)}", line)
         if not isinstance(message.get("content"), str):
             raise DatasetError(f"messages[{i}] is missing key 'content' (a string)", line)
         if "weight" in message and message["weight"] not in (0, 1):
@@ -95,39 +142,60 @@ def _check_prompt_completion(record: dict, line: int) -> None:
             raise DatasetError(f"{key!r} must be a string", line)
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict]]:
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise DatasetError(f"not valid JSON ({exc.__class__.__name__}: {exc})", line_no) from None
-            if not isinstance(record, dict):
-                raise DatasetError("each line must be a JSON object", line_no)
-            yield line_no, record
+            if raw.strip():
+                yield line_no, raw
+
+
+def _record(raw: bytes, line_no: int) -> dict:
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"not valid JSON ({exc.__class__.__name__}: {exc})", line_no) from None
+    except RecursionError:
+        raise DatasetError("arrays and objects are nested too deeply to read", line_no) from None
+    except ValueError:  # how json.loads refuses an integer literal past sys.get_int_max_str_digits()
+        raise DatasetError(f"a number has more than {sys.get_int_max_str_digits()} digits", line_no) from None
+    if not isinstance(record, dict):
+        raise DatasetError("each line must be a JSON object", line_no)
+    return record
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict]]:
+    for line_no, raw in _lines(path):
+        yield line_no, _record(raw, line_no)
 
 
 def validate_jsonl(path: Path, min_examples: int) -> DatasetSummary:
-    """Check every line; raise DatasetError naming the first bad line."""
+    """Check every line; raise DatasetError naming the first bad lines (see LineErrors)."""
     shape: DatasetFormat | None = None
+    shape_line = 0
     count = 0
     common_keys: set[str] | None = None
-    for line_no, record in _records(path):
-        this_shape = _shape_of(record)
-        if shape is None:
-            shape = this_shape
-        elif this_shape != shape:
-            raise DatasetError(f"expected a {shape} example like line 1, found a {this_shape} example", line_no)
-        if shape == "chat":
-            _check_chat(record, line_no)
-        elif shape == "prompt_completion":
-            _check_prompt_completion(record, line_no)
-        else:
-            keys = set(record)
-            common_keys = keys if common_keys is None else common_keys & keys
-        count += 1
+    errors = LineErrors()
+    for line_no, raw in _lines(path):
+        try:
+            record = _record(raw, line_no)
+            this_shape = _shape_of(record)
+            if shape is None:
+                shape, shape_line = this_shape, line_no
+            elif this_shape != shape:
+                raise DatasetError(
+                    f"expected a {shape} example like line {shape_line}, found a {this_shape} example", line_no
+                )
+            if shape == "chat":
+                _check_chat(record, line_no)
+            elif shape == "prompt_completion":
+                _check_prompt_completion(record, line_no)
+            else:
+                keys = set(record)
+                common_keys = keys if common_keys is None else common_keys & keys
+            count += 1
+        except DatasetError as error:
+            errors.add(error)
+    errors.raise_any()
     if shape is None:
         raise DatasetError("file contains no examples")
     if count < min_examples:
@@ -182,9 +250,12 @@ def template_fields(template: str) -> list[str]:
 def check_template_against(template: str, summary: DatasetSummary, param_file: str) -> None:
     missing = [name for name in template_fields(template) if name not in summary.fields]
     if missing:
+        fields = ", ".join(_clipped(name) for name in summary.fields[:MAX_FIELDS_SHOWN]) or "none"
+        if len(summary.fields) > MAX_FIELDS_SHOWN:
+            fields += f" and {len(summary.fields) - MAX_FIELDS_SHOWN:,} more"
         raise InvalidRequest(
             f"text_template uses field {missing[0]!r}, which the {param_file} lacks on at least one line "
-            f"(fields on every line: {', '.join(summary.fields) or 'none'})",
+            f"(fields on every line: {fields})",
             param="text_template",
         )
 

@@ -8,9 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.base import unix
 from models.project import ApiKey, Project
+from models.request_body import RequestBody
 
 
-class CreateApiKey(BaseModel):
+class CreateApiKey(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     scope: Literal["project", "admin"] = Field(

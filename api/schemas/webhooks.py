@@ -7,10 +7,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.base import unix
+from models.request_body import RequestBody
 from models.webhook import DELIVERY_PENDING, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 
-class CreateWebhookEndpoint(BaseModel):
+class CreateWebhookEndpoint(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     event_types: list[str] = Field(
@@ -20,7 +21,7 @@ class CreateWebhookEndpoint(BaseModel):
     url: str = Field(min_length=1, max_length=2048, description="Where deliveries are POSTed.")
 
 
-class UpdateWebhookEndpoint(BaseModel):
+class UpdateWebhookEndpoint(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     event_types: list[str] | None = Field(None, min_length=1, max_length=64, description="The complete new set.")
@@ -28,7 +29,7 @@ class UpdateWebhookEndpoint(BaseModel):
     url: str | None = Field(None, min_length=1, max_length=2048)
 
 
-class RotateSecret(BaseModel):
+class RotateSecret(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     keep_old_secret_active_for_24_hours: bool = Field(
@@ -36,7 +37,7 @@ class RotateSecret(BaseModel):
     )
 
 
-class TestWebhookEndpoint(BaseModel):
+class TestWebhookEndpoint(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     event_type: str = Field(description="The event type of the sample event sent.")
