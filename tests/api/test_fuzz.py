@@ -57,8 +57,6 @@ def fuzz_target(database, tiny_model, webhook_receiver):
     import redis
 
     from api.services.keys import create_admin_key, create_key, get_or_create_project
-    from models.db import session_scope
-    from tests.conftest import REDIS_URL
 
     queue = f"grove-test-{RUN_ID}-fuzz"
     stack = Stack(
@@ -72,7 +70,7 @@ def fuzz_target(database, tiny_model, webhook_receiver):
             "GROVE_RATE_LIMIT": "off",  # one key sends thousands of requests a minute (tests/security for limits)
         },
     ).start(worker=False)
-    with session_scope() as session:
+    with stack.session() as session:
         project = get_or_create_project(session, f"fuzz-{uuid.uuid4().hex[:8]}")
         key = create_key(session, project)
         spare = create_key(session, project)  # the key whose id admin routes get (revoking it harms nothing)
@@ -119,7 +117,7 @@ def fuzz_target(database, tiny_model, webhook_receiver):
         real["key_id"] = next(k["id"] for k in keys if k["hint"] == spare[:10])
     yield stack, auth, admin_auth, real
     stack.stop()
-    redis.Redis.from_url(REDIS_URL).delete(queue)
+    redis.Redis.from_url(stack.env["GROVE_BROKER_URL"]).delete(queue)
 
 
 def _spec() -> dict:

@@ -56,7 +56,7 @@ def test_keys_are_per_project(client, auth):
 
 @pytest.mark.parametrize("attempts", [8])
 def test_concurrent_retries_make_one_job(live, attempts):
-    key = new_key()
+    key = live.new_key()
     auth = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=live.base_url, headers=auth, timeout=60) as http:
         file_id = http.post(

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -39,6 +38,8 @@ def private_redis():
 
 @pytest.fixture
 def chaos_stack(private_redis, tiny_model):
+    """A stack on a Redis of its own and, as every Stack, a database and store of its own: the temp file an API
+    killed mid-upload leaves, and a reconciler that requeues within seconds, touch no other test."""
     stack = Stack(
         f"chaos-{uuid.uuid4().hex[:6]}",
         {
@@ -48,8 +49,6 @@ def chaos_stack(private_redis, tiny_model):
             "GROVE_RECONCILE_INTERVAL_SECONDS": "1",
             "GROVE_LEASE_SECONDS": "4",
             "GROVE_REDISPATCH_AFTER_SECONDS": "5",
-            # Its own store: an API killed mid-upload leaves a staged temp file that other tests must not see.
-            "GROVE_STORAGE_DIR": tempfile.mkdtemp(prefix="grove-chaos-storage-"),
         },
     )
     yield stack

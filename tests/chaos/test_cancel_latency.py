@@ -7,7 +7,6 @@ import time
 
 from tests.chaos.conftest import scale
 from tests.chaos.test_faults import SPEC, client_for, dataset, event_types, upload, wait_all
-from tests.conftest import new_key
 
 # One metrics event per step, so that the events count the steps taken after the cancel was written.
 LONG = SPEC | {"max_steps": 20000, "log_every_steps": 1}
@@ -24,7 +23,7 @@ def wait_until_step(http, job_id: str, step: int, timeout: float = 120) -> None:
 
 
 def test_cancel_stops_a_running_job_within_two_steps_and_a_queued_job_at_once(live):
-    with client_for(live, new_key()) as http:
+    with client_for(live, live.new_key()) as http:
         file_id = upload(http, dataset(20)).json()["id"]
         steps_after_cancel, seconds_to_cancelled = [], []
         for _ in range(scale(3, 20)):

@@ -15,7 +15,7 @@ import httpx
 from safetensors.torch import load
 
 from tests.chaos.conftest import scale
-from tests.conftest import emotion_rows, new_key
+from tests.conftest import emotion_rows
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 SPEC = {"model": "tiny-llama-test", "text_template": "{text} -> {label}", "seed": 11}
@@ -62,7 +62,7 @@ def adapter_tensors(http: httpx.Client, job: dict) -> dict:
 def test_broker_loss_with_queued_jobs(chaos_stack, private_redis):
     n = scale(ci=6, full=50)
     chaos_stack.start(worker=False)
-    with client_for(chaos_stack, new_key()) as http:
+    with client_for(chaos_stack, chaos_stack.new_key()) as http:
         file_id = upload(http, dataset()).json()["id"]
         job_ids = [
             http.post("/v1/fine_tuning/jobs", json=SPEC | {"training_file": file_id, "max_steps": 1}).json()["id"]
@@ -80,11 +80,22 @@ def test_broker_loss_with_queued_jobs(chaos_stack, private_redis):
             assert kinds.count("started") == 1 and kinds.count("succeeded") == 1, kinds
 
 
+def wait_until(http: httpx.Client, job_id: str, until, timeout: float) -> dict:
+    """The job once `until(job)` holds or it has finished, whichever comes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if until(job) or job["status"] in TERMINAL:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
 def test_worker_killed_at_random_moments(chaos_stack):
     trials = scale(ci=2, full=20)
     rng = random.Random(7)
     chaos_stack.start()
-    with client_for(chaos_stack, new_key()) as http:
+    with client_for(chaos_stack, chaos_stack.new_key()) as http:
         file_id = upload(http, dataset(40)).json()["id"]
         body = SPEC | {
             "training_file": file_id,
@@ -93,17 +104,27 @@ def test_worker_killed_at_random_moments(chaos_stack):
             "log_every_steps": 1,
             "method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4}}},
         }
-        started = time.monotonic()
         reference_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+        wait_until(http, reference_id, lambda job: job["status"] != "queued", timeout=120)
+        claimed = time.monotonic()
         reference = wait_all(http, [reference_id], timeout=120)[reference_id]
-        duration = time.monotonic() - started
+        duration = time.monotonic() - claimed
         expected = adapter_tensors(http, reference)
 
         redone: list[int] = []
-        for _ in range(trials):
+        interrupted: list[str] = []  # jobs whose running attempt a kill cut short
+        resumed_at: dict[str, int] = {}  # job -> the checkpoint step its later attempt resumed from
+        for trial in range(trials):
             job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
-            # Somewhere between the claim and the publish: loading, training, saving or publishing.
-            time.sleep(rng.uniform(0.2, max(0.5, 0.9 * duration)))
+            if trial == 0:
+                # One kill lands in training for sure: past the first checkpoint (step 5 is saved before step 6
+                # is reported), so that the next attempt has one to resume from.
+                running = wait_until(http, job_id, lambda job: (job["progress"]["step"] or 0) >= 6, timeout=120)
+                assert running["status"] == "running", running
+            else:
+                # Somewhere between the claim and the publish: loading, training, saving or publishing.
+                wait_until(http, job_id, lambda job: job["status"] != "queued", timeout=120)
+                time.sleep(rng.uniform(0, 0.9 * duration))
             chaos_stack.stop_worker(signal.SIGKILL)
             chaos_stack.start_worker()
             job = wait_all(http, [job_id], timeout=180)[job_id]
@@ -115,6 +136,8 @@ def test_worker_killed_at_random_moments(chaos_stack):
             for earlier, later in zip(claims, claims[1:], strict=False):
                 assert "queued" in kinds[earlier:later], kinds
             assert kinds.count("succeeded") == 1
+            if len(claims) > 1:
+                interrupted.append(job_id)
             # At most one checkpoint interval is redone: each later attempt resumes within 5 steps of where
             # the killed one got to.
             reached = 0
@@ -127,17 +150,25 @@ def test_worker_killed_at_random_moments(chaos_stack):
                     resumed = data["resumed_from_step"] or 0
                     assert reached - resumed <= 5, (reached, resumed)
                     redone.append(reached - resumed)
+                elif event["message"].startswith("Resumed from the checkpoint"):
+                    resumed_at[job_id] = data["step"]
+            if job_id in resumed_at:
+                assert job["result"]["resumed_from_step"] == resumed_at[job_id], (job["result"], resumed_at)
             got = adapter_tensors(http, job)
             assert got.keys() == expected.keys()
             for name, value in expected.items():
                 assert (got[name] - value).abs().max() < 1e-5, name
-        print(f"\nsteps redone after each kill (checkpoint every 5): {redone}")
+        print(f"\nsteps redone after each kill (checkpoint every 5): {redone}; resumed from: {resumed_at}")
+        # The kills proved something: at least one cut a running attempt short (started, given back to
+        # `queued`, started again), and a later attempt resumed from a checkpoint, as its events say.
+        assert interrupted, "no kill landed while a job was running"
+        assert any(step >= 5 for step in resumed_at.values()), (interrupted, resumed_at)
 
 
 def test_api_killed_during_uploads_and_creations(chaos_stack):
     n = scale(ci=10, full=50)
     chaos_stack.start()
-    key = new_key()
+    key = chaos_stack.new_key()
     accepted_files: dict[str, str] = {}
     accepted_jobs: list[str] = []
     lock = threading.Lock()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.test_faults import SPEC, client_for, dataset, event_types, upload, wait_all
-from tests.conftest import Stack, new_key
+from tests.conftest import Stack
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_storage_full_during_publish(small_disk, private_redis, tiny_model):
         },
     ).start()
     try:
-        with client_for(stack, new_key()) as http:
+        with client_for(stack, stack.new_key()) as http:
             file_id = upload(http, dataset(10)).json()["id"]
             body = SPEC | {"training_file": file_id, "max_steps": 2}
             first = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
@@ -117,8 +117,8 @@ def test_worker_killed_for_memory_fails_the_job_and_takes_the_next(memory_cgroup
             "GROVE_LEASE_SECONDS": "4",
             "GROVE_RUN_RECONCILER": "true",
             "GROVE_RECONCILE_INTERVAL_SECONDS": "1",
-            # The other stacks' reconcilers share this database: same attempts limit, and a message they
-            # publish to their own broker is re-sent to this one within seconds.
+            # The attempts limit the assertions below count on; a queued job that no worker claimed is sent
+            # again within seconds.
             "GROVE_MAX_ATTEMPTS": "3",
             "GROVE_REDISPATCH_AFTER_SECONDS": "5",
         },
@@ -126,7 +126,7 @@ def test_worker_killed_for_memory_fails_the_job_and_takes_the_next(memory_cgroup
     try:
         time.sleep(3)  # the pool process is forked before it is moved with its parent
         move_process_group(stack.worker.pid, memory_cgroup)
-        with client_for(stack, new_key()) as http:
+        with client_for(stack, stack.new_key()) as http:
             heavy_file = upload(http, long_rows(16)).json()["id"]
             # 16 rows of ~2,000 tokens in one micro-batch need more than the 1.5 GiB limit (failcnt below proves it).
             heavy = SPEC | {"training_file": heavy_file, "max_steps": 2, "max_seq_len": 2048}

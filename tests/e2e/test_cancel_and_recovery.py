@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 
-from tests.conftest import new_key
 from tests.e2e.helpers import sdk, upload_emotion, wait_for
 
 LONG_JOB = {"text_template": "{text} -> {label}", "max_steps": 20000, "adapter": {"r": 4, "alpha": 8}}
@@ -16,7 +15,7 @@ def metrics_seen(client, job_id) -> int:
 
 
 def test_cancel_running_job_stops_it_and_frees_the_worker(live, tmp_path):
-    key = new_key()
+    key = live.new_key()
     client = sdk(live.base_url, key)
     training = upload_emotion(client, tmp_path, 20)
     job = client.fine_tuning.jobs.create(model="tiny-llama-test", training_file=training, extra_body=LONG_JOB)
@@ -39,7 +38,7 @@ def test_cancel_running_job_stops_it_and_frees_the_worker(live, tmp_path):
 
 
 def test_killed_worker_job_is_requeued_and_finished_by_a_new_worker(live, tmp_path):
-    key = new_key()
+    key = live.new_key()
     client = sdk(live.base_url, key)
     training = upload_emotion(client, tmp_path, 20)
     job = client.fine_tuning.jobs.create(

@@ -10,10 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from api.cli import app
-from models.db import session_scope
 from models.job_status import JobStatus
 from models.transitions import switch_job_status
-from tests.conftest import emotion_rows, new_key, write_jsonl
+from tests.conftest import emotion_rows, use_database, write_jsonl
 
 runner = CliRunner()
 
@@ -21,7 +20,7 @@ runner = CliRunner()
 @pytest.fixture
 def grove(live, tmp_path, monkeypatch):
     """Run `grove ARGS` as a user configured through the environment (no config file of the machine's)."""
-    key = new_key()
+    key = live.new_key()
     monkeypatch.setenv("GROVE_CONFIG", str(tmp_path / "no-config.toml"))
     monkeypatch.chdir(tmp_path)
     env = {"GROVE_BASE_URL": live.base_url, "GROVE_API_KEY": key}
@@ -126,16 +125,17 @@ def test_follow_exits_non_zero_on_cancel_and_failure(grove, client, live, tmp_pa
     assert followed.exit_code == 3, followed.output
     assert "cancelled" in followed.output
 
-    # A failed job: queued through the in-process API (no worker consumes that queue), failed by hand.
+    # A failed job: queued through the in-process API on the live stack's database (no worker consumes the
+    # in-process queue), failed by hand.
     auth = {"Authorization": f"Bearer {grove.key}"}
-    with train.open("rb") as f:
+    with use_database(live.database_url), train.open("rb") as f:
         file_id = client.post("/v1/files", headers=auth, files={"file": f}, data={"purpose": "fine-tune"}).json()["id"]
-    job = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=auth,
-        json={"model": "tiny-llama-test", "training_file": file_id, "text_template": "{text} -> {label}"},
-    ).json()
-    with session_scope() as session:
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            headers=auth,
+            json={"model": "tiny-llama-test", "training_file": file_id, "text_template": "{text} -> {label}"},
+        ).json()
+    with live.session() as session:
         switch_job_status(
             session,
             job["id"],

@@ -11,7 +11,7 @@ import time
 import httpx
 
 from api.cli.follow import parse_sse
-from tests.conftest import new_key
+from tests.conftest import use_database
 from tests.e2e.helpers import sdk, upload_emotion, wait_for
 
 TERMINAL_EVENTS = {"succeeded", "failed", "cancelled"}
@@ -40,7 +40,7 @@ def _read(response: httpx.Response, limit: int | None = None) -> tuple[list[dict
 
 
 def test_stream_resumes_with_last_event_id_without_gaps_or_duplicates(live, tmp_path):
-    key = new_key()
+    key = live.new_key()
     client = sdk(live.base_url, key)
     job_id = _start_job(client, tmp_path)
     url = f"{live.base_url}/v1/fine_tuning/jobs/{job_id}/events"
@@ -78,16 +78,17 @@ def test_stream_resumes_with_last_event_id_without_gaps_or_duplicates(live, tmp_
 
 
 def test_heartbeat_while_idle_and_close_on_cancel(live, client, tmp_path):
-    key = new_key()
+    key = live.new_key()
     auth = {"Authorization": f"Bearer {key}"}
-    # Created through the in-process API: it is queued on a queue no worker consumes, so it stays idle.
+    # Created through the in-process API on the live stack's database: it is queued on the in-process queue,
+    # which no worker consumes, so it stays idle.
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(12)))
-    with path.open("rb") as f:
+    with use_database(live.database_url), path.open("rb") as f:
         file_id = client.post("/v1/files", headers=auth, files={"file": f}, data={"purpose": "fine-tune"}).json()["id"]
-    job_id = client.post(
-        "/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-llama-test", "training_file": file_id}
-    ).json()["id"]
+        job_id = client.post(
+            "/v1/fine_tuning/jobs", headers=auth, json={"model": "tiny-llama-test", "training_file": file_id}
+        ).json()["id"]
 
     url = f"{live.base_url}/v1/fine_tuning/jobs/{job_id}/events"
     lines = []
@@ -104,12 +105,12 @@ def test_heartbeat_while_idle_and_close_on_cancel(live, client, tmp_path):
 
 
 def test_stream_errors_use_the_envelope(live, tmp_path):
-    key = new_key()
+    key = live.new_key()
     client = sdk(live.base_url, key)
     job_id = _start_job(client, tmp_path, max_steps=1)
     url = f"{live.base_url}/v1/fine_tuning/jobs/{job_id}/events"
     bad = httpx.get(url, params={"stream": "true"}, headers={"Authorization": f"Bearer {key}", "Last-Event-ID": "x"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
-    other = httpx.get(url, params={"stream": "true"}, headers={"Authorization": f"Bearer {new_key()}"})
+    other = httpx.get(url, params={"stream": "true"}, headers={"Authorization": f"Bearer {live.new_key()}"})
     assert other.status_code == 404
     wait_for(client, job_id)

@@ -13,14 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import new_key
 from tests.e2e.helpers import download, sdk, untar, upload_emotion, wait_for
 
 
 @pytest.fixture(params=["live", "embedded"])
 def stack_and_key(request):
     stack = request.getfixturevalue(request.param)
-    key = stack.key if request.param == "embedded" else new_key()
+    key = stack.key if request.param == "embedded" else stack.new_key()
     return stack, key
 
 

@@ -9,7 +9,6 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.test_webhooks import receiver
-from tests.conftest import new_key
 from tests.e2e.helpers import sdk, upload_emotion, wait_for
 
 
@@ -24,7 +23,7 @@ def _run_job(client, tmp_path, max_steps: int = 3) -> str:
 
 
 def test_webhook_receiver_that_fails_twice_then_accepts(live, tmp_path):
-    key = new_key()
+    key = live.new_key()
     client = sdk(live.base_url, key)
     with receiver(statuses=[500, 502]) as r:
         endpoint = client.webhooks.create(
@@ -60,7 +59,7 @@ def _metrics(base_url: str) -> dict[str, list]:
 
 
 def test_metrics_and_json_logs(live, tmp_path):
-    key = new_key()
+    key = live.new_key()
     client = sdk(live.base_url, key)
     job_id = _run_job(client, tmp_path, max_steps=2)
     assert wait_for(client, job_id).status == "succeeded"

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, new_key
+from tests.conftest import REPO
 from tests.e2e.helpers import sdk, upload_emotion, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -46,7 +46,7 @@ def test_page_renders_the_job_row_and_the_loss_chart(live, tmp_path):
     page = httpx.get(f"{live.base_url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
-    key = new_key()
+    key = live.new_key()
     client = sdk(live.base_url, key)
     training = upload_emotion(client, tmp_path, 40)
     validation = upload_emotion(client, tmp_path, 12, offset=1000, name="valid.jsonl")

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import new_key
 from tests.e2e.helpers import download, sdk, untar, upload_emotion, wait_for
 
 SPEC = {
@@ -38,7 +37,7 @@ def adapter_weights(live, key, job, tmp_path, name):
 
 
 def test_sigkilled_worker_resumes_from_its_last_checkpoint(live, tmp_path):
-    key = new_key()
+    key = live.new_key()
     client = sdk(live.base_url, key)
     training = upload_emotion(client, tmp_path, 40)
     validation = upload_emotion(client, tmp_path, 12, offset=1000, name="valid.jsonl")

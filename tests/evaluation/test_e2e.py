@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from tests.conftest import emotion_rows, new_key, write_jsonl
+from tests.conftest import emotion_rows, write_jsonl
 from tests.e2e.helpers import sdk, wait_for
 
 TEMPLATE = "Text: {text}\nEmotion: {label}"
@@ -28,7 +28,7 @@ def wait(stack, key: str, path: str, timeout: float = 240) -> dict:
 
 
 def test_fine_tune_export_evaluate(live, tmp_path):
-    key = new_key()
+    key = live.new_key()
     headers = {"Authorization": f"Bearer {key}"}
     client = sdk(live.base_url, key)
     with write_jsonl(tmp_path / "train.jsonl", emotion_rows(40)).open("rb") as f:

@@ -10,7 +10,6 @@ import time
 
 import httpx
 
-from tests.conftest import new_key
 from tests.e2e.helpers import download, sdk, untar, upload_emotion, wait_for
 
 
@@ -27,7 +26,7 @@ def wait_for_export(stack, key: str, job_id: str, timeout: float = 180) -> dict:
 def test_fine_tune_with_export_section_produces_a_running_package(live, tmp_path):
     import onnxruntime_genai as og
 
-    key = new_key()
+    key = live.new_key()
     client = sdk(live.base_url, key)
     training = upload_emotion(client, tmp_path, 12)
     job = client.fine_tuning.jobs.create(

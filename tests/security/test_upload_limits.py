@@ -72,23 +72,32 @@ class Server:
                     found[f"open: {target}"] = fd.stat().st_size
         return found
 
+    def file_rows(self) -> int:
+        """File rows in the server's database."""
+        with self.stack.session() as session:
+            return count_files(session)
+
     def alive(self) -> bool:
         return (
             self.stack.api.poll() is None and httpx.get(f"{self.stack.base_url}/readyz", timeout=5).status_code == 200
         )
 
 
+def count_files(session) -> int:
+    return session.scalar(sql_select(func.count()).select_from(File))
+
+
 def file_rows() -> int:
+    """File rows in the in-process app's database."""
     from models.db import session_scope
 
     with session_scope() as session:
-        return session.scalar(sql_select(func.count()).select_from(File))
+        return count_files(session)
 
 
 @pytest.fixture(scope="module")
 def server(database, tmp_path_factory) -> Iterator[Server]:
     from api.services.keys import create_admin_key, get_or_create_project, issue, revoke
-    from models.db import session_scope
 
     root = tmp_path_factory.mktemp("upload-limits")
     temp_dir = root / "server-tmp"
@@ -104,7 +113,7 @@ def server(database, tmp_path_factory) -> Iterator[Server]:
             "GROVE_LOG_LEVEL": "WARNING",
         },
     ).start(worker=False)
-    with session_scope() as session:
+    with stack.session() as session:
         project = get_or_create_project(session, f"upload-limits-{uuid.uuid4().hex[:8]}")
         valid = issue(session, project)[1]
         revoked_row, revoked = issue(session, project)
@@ -388,7 +397,7 @@ ATTACKS = {
 
 @pytest.mark.parametrize("attack", ATTACKS.values(), ids=ATTACKS.keys())
 def test_hostile_upload_is_refused_and_leaves_nothing(server, attack: Attack):
-    disk_before, rows_before = server.disk(), file_rows()
+    disk_before, rows_before = server.disk(), server.file_rows()
 
     answer = send(server, server.keys[attack.key], attack.head, attack.body())
 
@@ -408,7 +417,7 @@ def test_hostile_upload_is_refused_and_leaves_nothing(server, attack: Attack):
     else:
         assert all(disk == disk_before for disk in answer.disks), "a request without a valid key wrote to disk"
     assert server.disk() == disk_before
-    assert file_rows() == rows_before
+    assert server.file_rows() == rows_before
     assert server.alive()
 
 
@@ -432,10 +441,10 @@ def test_the_issue_attack_2000MiB_anonymous_chunked(server, capsys):
 
 def test_a_chunked_upload_within_the_limit_is_stored(server):
     """The control row: the same raw client, a valid key, a small chunked upload with its purpose last."""
-    rows_before = file_rows()
+    rows_before = server.file_rows()
     answer = send(server, server.keys["valid"], [MULTIPART, CHUNKED], upload(SMALL_FILE, PURPOSE)())
     assert answer.status == 200 and not answer.closed, answer
-    assert file_rows() == rows_before + 1
+    assert server.file_rows() == rows_before + 1
     assert not any(Path(p).is_relative_to(server.staging_dir) for p in server.disk())
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import RUN_ID, TMP, Stack, new_key
+from tests.conftest import RUN_ID, TMP, Stack
 from tests.e2e.helpers import TERMINAL, download, sdk, untar, upload_emotion, wait_for
 from tests.storage.conftest import AWS_ENV
 
@@ -52,7 +52,7 @@ def s3_stack(s3_server, database, tiny_model):
 
 def test_upload_train_download_on_s3(s3_stack, s3_server, tmp_path):
     stack = s3_stack
-    key = new_key()
+    key = stack.new_key()
     assert httpx.get(f"{stack.base_url}/readyz").json()["checks"]["storage"] == "ok"
     client = sdk(stack.base_url, key)
     training = upload_emotion(client, tmp_path, 40)

@@ -12,14 +12,14 @@ import time
 
 import httpx
 
-from tests.conftest import emotion_rows, new_key, write_jsonl
+from tests.conftest import emotion_rows, use_database, write_jsonl
 from tests.e2e.helpers import TERMINAL, download, sdk
 
 
 class Api:
     def __init__(self, live, tmp_path):
         self.live = live
-        self.key = new_key()
+        self.key = live.new_key()
         self.headers = {"Authorization": f"Bearer {self.key}"}
         self.client = sdk(live.base_url, self.key)
         self.training = self.upload(tmp_path, emotion_rows(24), "train.jsonl")
@@ -191,15 +191,15 @@ def test_a_worker_killed_mid_sweep_leaves_every_trial_accounted_for(live, tmp_pa
         assert kinds.count("succeeded") == 1
         restarted += kinds.count("started") - 1
     assert restarted >= 1  # the killed trial was requeued and finished by the new worker
-    # optuna's study agrees: exactly these two trials, both complete, none left running.
+    # optuna's study (in the live stack's database) agrees: exactly these two trials, both complete, none left
+    # running.
     with_spec = api.get(f"/v1/sweeps/{sweep['id']}")
-    study = load_study(
-        SweepSpec.model_validate(
-            {k: with_spec[k] for k in ("search_space", "strategy", "num_trials", "max_parallel", "seed", "fine_tuning")}
-            | {"parameters": {"r": "adapter.r"}, "direction": "minimize", "objective": {"metric": "valid_loss"}}
-        ),
-        sweep["id"],
+    spec = SweepSpec.model_validate(
+        {k: with_spec[k] for k in ("search_space", "strategy", "num_trials", "max_parallel", "seed", "fine_tuning")}
+        | {"parameters": {"r": "adapter.r"}, "direction": "minimize", "objective": {"metric": "valid_loss"}}
     )
+    with use_database(live.database_url):
+        study = load_study(spec, sweep["id"])
     assert [(t.number, t.state.name) for t in study.get_trials()] == [(0, "COMPLETE"), (1, "COMPLETE")]
 
 
