@@ -106,9 +106,10 @@ def get_read_sessionmaker() -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """One unit of work for the worker and scripts: commit on success, roll back on error."""
-    session = get_sessionmaker()()
+def session_scope(bind: Engine | None = None) -> Iterator[Session]:
+    """One unit of work for the worker and scripts: commit on success, roll back on error. `bind` picks another
+    database than the configured one (the tests' stacks each have their own)."""
+    session = Session(bind, expire_on_commit=False) if bind is not None else get_sessionmaker()()
     try:
         yield session
         session.commit()

@@ -341,19 +341,12 @@ class Stack:
     @contextlib.contextmanager
     def session(self):
         """A session on this stack's database, committed at the end of the block (like `session_scope()`)."""
-        from sqlalchemy.orm import Session
-
-        from models.db import build_engine
+        from models.db import build_engine, session_scope
 
         if self._engine is None:
             self._engine = build_engine(self.database_url)
-        with Session(self._engine, expire_on_commit=False) as session:
-            try:
-                yield session
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
+        with session_scope(self._engine) as session:
+            yield session
 
     def new_key(self, project: str | None = None) -> str:
         """A key of a new project (or of `project`) in this stack's database."""
