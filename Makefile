@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 PORT ?= 8000
+# pytest-xdist workers for `make test`, each with its own PostgreSQL, Redis and live stacks; whole test files go to
+# one worker (--dist loadfile). Most of the suite waits on processes (leases, training steps of other processes),
+# so two workers on two cores halve the wall time. 0 runs the suite in this one process.
+TEST_WORKERS ?= 2
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
@@ -33,7 +37,7 @@ test: install test-models
 	@m="$$({ command -v chromium || command -v chromium-browser; } >/dev/null || echo ' chromium')$$({ docker compose version || docker-compose version; } >/dev/null 2>&1 || echo ' docker-compose')"; [ -z "$$m" ] || echo "optional tools missing (their tests will be skipped):$$m"
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # ruff, and the layering contracts of pyproject.toml's [tool.importlinter] (jobs/ below api/ and worker/).
 lint: install

@@ -10,8 +10,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 
 class Settings(BaseSettings):
@@ -195,6 +196,32 @@ class Settings(BaseSettings):
         "through the API (clients must follow redirects: curl -L).",
     )
     s3_presign_expiry_seconds: int = Field(300, ge=1, description="Lifetime of a presigned download URL.")
+
+    # Relative paths (the embedded defaults) are resolved once, against the directory the process starts in. A
+    # relative path handed on would mean something else to any code that runs elsewhere: the export's model builder
+    # runs in its scratch directory, and an adapter's recorded base model path is read there (issue 17).
+    @field_validator("storage_dir", "model_store_dir", "work_dir", mode="after")
+    @classmethod
+    def _absolute_directory(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("database_url", "broker_url", mode="after")
+    @classmethod
+    def _absolute_sqlite_file(cls, value: str) -> str:
+        return absolute_sqlite_url(value)
+
+
+def absolute_sqlite_url(url: str) -> str:
+    """`url` with a relative SQLite file made absolute (`sqla+sqlite:///var/broker.sqlite` too); any other URL as is."""
+    transport, plus, rest = url.partition("+") if url.startswith("sqla+") else ("", "", url)
+    if not rest.startswith("sqlite"):
+        return url
+    parsed = make_url(rest)
+    path = parsed.database
+    if not path or path == ":memory:" or path.startswith("file:") or Path(path).is_absolute():
+        return url
+    absolute = parsed.set(database=str(Path(path).expanduser().resolve()))
+    return transport + plus + absolute.render_as_string(hide_password=False)
 
 
 @lru_cache

@@ -43,9 +43,15 @@ TMP = Path(tempfile.mkdtemp(prefix=f"grove-test-{RUN_ID}-"))
 # Live stacks' stores, scratch and logs: outside TMP, the in-process tests' root, which tests/api/test_paths.py
 # watches for stray writes while the session's live worker may be busy.
 STACKS = Path(tempfile.mkdtemp(prefix=f"grove-test-{RUN_ID}-stacks-"))
-# Started here, not in a fixture: the URLs must be in the environment before the first settings object is built.
+# Set by `_start_servers()` in pytest_configure: before any test module is imported, so before the first settings
+# object is built. Modules that need them import them from here at collection time, once they are set.
 PG_SERVER: PostgresServer | None = None
 REDIS_SERVER: RedisServer | None = None
+PG_ADMIN_URL = REDIS_URL = PG_URL = ""
+DATABASE_PREFIX = f"grove_test_{RUN_ID}"
+# Migrated once by alembic, never connected to afterwards: the session's and each stack's database are copies.
+TEMPLATE_DATABASE = f"{DATABASE_PREFIX}_template"
+MODEL_STORE = Path(os.environ.get("GROVE_MODEL_STORE_DIR", REPO / "var" / "models")).resolve()
 
 
 def _stop_servers() -> None:
@@ -60,47 +66,48 @@ def _stop_servers() -> None:
 
 # pytest_unconfigure stops them at the end of a session; this covers an interrupt or an exit before it.
 atexit.register(_stop_servers)
-if "GROVE_TEST_PG_ADMIN_URL" in os.environ:
-    PG_ADMIN_URL = os.environ["GROVE_TEST_PG_ADMIN_URL"]
-else:
-    PG_SERVER = PostgresServer(prefix=f"grove-test-{RUN_ID}-pg-")  # assigned first: atexit removes a failed one
-    PG_SERVER.init().start()
-    PG_ADMIN_URL = PG_SERVER.url
-if "GROVE_TEST_REDIS_URL" in os.environ:
-    REDIS_URL = os.environ["GROVE_TEST_REDIS_URL"]
-else:
-    REDIS_SERVER = RedisServer(prefix=f"grove-test-{RUN_ID}-redis-")
-    REDIS_SERVER.start()
-    REDIS_URL = REDIS_SERVER.url
-DATABASE_PREFIX = f"grove_test_{RUN_ID}"
-PG_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{DATABASE_PREFIX}"
-# Migrated once by alembic, never connected to afterwards: the session's and each stack's database are copies.
-TEMPLATE_DATABASE = f"{DATABASE_PREFIX}_template"
-MODEL_STORE = Path(os.environ.get("GROVE_MODEL_STORE_DIR", REPO / "var" / "models")).resolve()
 
-# The in-process API (TestClient) publishes to a queue nobody consumes; live stacks get their own.
-os.environ.update(
-    {
-        "GROVE_DATABASE_URL": PG_URL,
-        "GROVE_BROKER_URL": REDIS_URL,
-        "GROVE_STORAGE_DIR": str(TMP / "storage"),
-        "GROVE_WORK_DIR": str(TMP / "work"),
-        "GROVE_MODEL_STORE_DIR": str(MODEL_STORE),
-        "GROVE_FINE_TUNE_QUEUE": f"grove-test-{RUN_ID}-inprocess",
-        "GROVE_RUN_RECONCILER": "false",
-        # Webhooks: loopback receivers in tests are allowlisted; only live API processes send deliveries.
-        "GROVE_RUN_WEBHOOK_SENDER": "false",
-        "GROVE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        # Every test calls from one address (the TestClient's, or 127.0.0.1), so per-address counters would be
-        # shared by the whole run: one test's 401s would count against the next test. The per-key limit stays
-        # at its default (each test has its own key); the tests of the address limits set their own rates and
-        # call from addresses of their own (tests/security/test_rate_limits.py).
-        "GROVE_ADDRESS_RATE_LIMIT": "off",
-        "GROVE_AUTH_FAILURE_RATE_LIMIT": "off",
-    }
-)
+
+def _start_servers() -> None:
+    """This process's PostgreSQL and Redis (unless GROVE_TEST_PG_ADMIN_URL / GROVE_TEST_REDIS_URL name servers to
+    use), and the environment every settings object of the run reads. Each pytest-xdist worker runs its own."""
+    global PG_SERVER, REDIS_SERVER, PG_ADMIN_URL, REDIS_URL, PG_URL
+    if "GROVE_TEST_PG_ADMIN_URL" in os.environ:
+        PG_ADMIN_URL = os.environ["GROVE_TEST_PG_ADMIN_URL"]
+    else:
+        PG_SERVER = PostgresServer(prefix=f"grove-test-{RUN_ID}-pg-")  # assigned first: atexit removes a failed one
+        PG_SERVER.init().start()
+        PG_ADMIN_URL = PG_SERVER.url
+    if "GROVE_TEST_REDIS_URL" in os.environ:
+        REDIS_URL = os.environ["GROVE_TEST_REDIS_URL"]
+    else:
+        REDIS_SERVER = RedisServer(prefix=f"grove-test-{RUN_ID}-redis-")
+        REDIS_SERVER.start()
+        REDIS_URL = REDIS_SERVER.url
+    PG_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{DATABASE_PREFIX}"
+    # The in-process API (TestClient) publishes to a queue nobody consumes; live stacks get their own.
+    os.environ.update(
+        {
+            "GROVE_DATABASE_URL": PG_URL,
+            "GROVE_BROKER_URL": REDIS_URL,
+            "GROVE_STORAGE_DIR": str(TMP / "storage"),
+            "GROVE_WORK_DIR": str(TMP / "work"),
+            "GROVE_MODEL_STORE_DIR": str(MODEL_STORE),
+            "GROVE_FINE_TUNE_QUEUE": f"grove-test-{RUN_ID}-inprocess",
+            "GROVE_RUN_RECONCILER": "false",
+            # Webhooks: loopback receivers in tests are allowlisted; only live API processes send deliveries.
+            "GROVE_RUN_WEBHOOK_SENDER": "false",
+            "GROVE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            # Every test calls from one address (the TestClient's, or 127.0.0.1), so per-address counters would be
+            # shared by the whole run: one test's 401s would count against the next test. The per-key limit stays
+            # at its default (each test has its own key); the tests of the address limits set their own rates and
+            # call from addresses of their own (tests/security/test_rate_limits.py).
+            "GROVE_ADDRESS_RATE_LIMIT": "off",
+            "GROVE_AUTH_FAILURE_RATE_LIMIT": "off",
+        }
+    )
 
 
 def _admin_execute(*statements: str) -> None:
@@ -205,10 +212,21 @@ def own_database(database):
         drop_database(url)
 
 
+def _xdist_controller(config) -> bool:
+    """True in the process that only hands tests to pytest-xdist workers (`-n 2`): it runs none, needs no server."""
+    return bool(config.getoption("numprocesses", default=None)) and not hasattr(config, "workerinput")
+
+
 def pytest_configure(config):
     missing = [str(path) for path in DATA_FILES if not path.is_file()]
     if missing:
         raise pytest.UsageError(f"test data missing: {', '.join(missing)} (read from ../shared/data beside the repo)")
+    if _xdist_controller(config):
+        if "GROVE_TEST_REDIS_URL" in os.environ:
+            # Stacks and the compose test address Redis databases by number (0-15): workers would share them.
+            raise pytest.UsageError("GROVE_TEST_REDIS_URL serves one pytest process: run it with -n 0")
+        return
+    _start_servers()
 
 
 def pytest_unconfigure(config):
@@ -316,8 +334,9 @@ class Stack:
 
     _numbers = itertools.count(1)
 
-    def __init__(self, name: str, env: dict[str, str]):
+    def __init__(self, name: str, env: dict[str, str], cwd: Path = REPO):
         self.name = name
+        self.cwd = cwd  # where the processes start: relative paths in `env` are relative to it
         self.root = STACKS / f"{next(self._numbers)}-{name}"
         own = {"GROVE_STORAGE_DIR": str(self.root / "storage"), "GROVE_WORK_DIR": str(self.root / "work")}
         self._own_database = "GROVE_DATABASE_URL" not in env
@@ -357,7 +376,7 @@ class Stack:
         log = (self.logs / log_name).open("ab")
         # A session of its own, so that stopping signals the whole tree (Celery's pool children too).
         return subprocess.Popen(
-            args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def start_worker(self) -> None:

@@ -80,6 +80,9 @@ def build(
     poll_seconds: float = 0.5,
 ) -> BuildResult:
     """Run the builder; raise BuildFailed with its output's tail, or BuildStopped when asked to stop."""
+    # The builder runs in the output's parent directory: a relative path would mean something else there.
+    input_dir, output_dir, cache_dir = input_dir.resolve(), output_dir.resolve(), cache_dir.resolve()
+    adapter_dir = adapter_dir.resolve() if adapter_dir is not None else None
     extra = ["hf_token=false"]
     if adapter_dir is not None:
         extra.append(f"adapter_path={adapter_dir}")

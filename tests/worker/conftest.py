@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
+import tests.conftest
 from models.config import get_settings
 from tests.api.test_files import jsonl, upload
-from tests.conftest import REDIS_URL, prompt_completion_rows
+from tests.conftest import prompt_completion_rows
 from worker.prepare_models import ensure_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def tiny_tokenizer(tiny_model_dir: Path):
 @pytest.fixture
 def queue():
     """A fine-tuning queue of the test's own: only its jobs are published there, so counts are its own."""
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(tests.conftest.REDIS_URL)  # read now: set once the session has begun
     name = f"grove-test-dispatch-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GROVE_FINE_TUNE_QUEUE", name)
