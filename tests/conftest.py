@@ -15,6 +15,7 @@ code); a test that asserts on what a pass over all rows did takes a database of 
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import itertools
 import os
@@ -240,6 +241,10 @@ CHAOS_DIR = REPO / "tests" / "chaos"
 def pytest_collection_modifyitems(config, items):
     """`chaos` for tests/chaos, `live` for tests that start API and worker processes (a live fixture, or a module
     that builds its own Stack), so that `-m "not live"` is the quick in-process run."""
+    # pytest-xdist schedules tests by node id: of several items with one id it runs one and says nothing.
+    repeated = sorted(nodeid for nodeid, n in collections.Counter(item.nodeid for item in items).items() if n > 1)
+    if repeated:
+        raise pytest.UsageError(f"{len(repeated)} test ids name several tests, e.g. {repeated[0]}: make them unique")
     for item in items:
         if CHAOS_DIR in item.path.parents:
             item.add_marker(pytest.mark.chaos)
