@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from api.deps import read_limiter
 from api.errors import install_error_handlers
 from api.limits import CloseUnreadUploads, RequestLimits
 from api.observability import RequestObservability
+from api.query import refuse_unknown_query
 from api.routes import (
     evaluations,
     exports,
@@ -55,6 +56,7 @@ def create_app() -> FastAPI:
         title="Grove",
         version="0.1.0",
         description="Self-hosted fine-tuning service with an OpenAI-compatible API.",
+        dependencies=[Depends(refuse_unknown_query)],
     )
     install_error_handlers(app)
     for module in (health, files, fine_tuning, models, exports, evaluations, sweeps, webhooks, keys, metrics, page):

@@ -312,7 +312,7 @@ def create_chained_export(session: Session, parent: Job, adapter_file: File) -> 
             parent.id,
             "warning",
             f"The requested export was not created: {getattr(exc, 'message', exc)}",
-            level="warning",
+            level="warn",
         )
         return None
     child = enqueue_export(session, parent.project_id, spec, parent_id=parent.id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import secrets
 from pathlib import Path
 
 from safetensors import safe_open
@@ -187,6 +188,11 @@ def _check_options(request: CreateFineTuningJob, validation: File | None) -> Non
             )
 
 
+def draw_seed() -> int:
+    """A seed for a request that gave none, in the range the request field takes."""
+    return secrets.randbelow(2**31)
+
+
 def create(session: Session, project: Project, request: CreateFineTuningJob) -> Job:
     settings = get_settings()
     base = resolve_model(request.model)
@@ -212,8 +218,8 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
         "export": check_chained_export(request.export, adapter),
         "evaluation": evaluation.check_follow_up(request.evaluation, validation, request.text_template),
     }
-    if request.seed is not None:
-        spec_fields["seed"] = request.seed
+    # As OpenAI does: an omitted seed is drawn, and recorded, so the job can be rerun exactly.
+    spec_fields["seed"] = request.seed if request.seed is not None else draw_seed()
     if request.max_seq_len is not None:
         if request.max_seq_len > base.context_length:
             raise InvalidRequest(

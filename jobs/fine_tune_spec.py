@@ -254,7 +254,9 @@ class CreateFineTuningJob(TrainingOptions, RequestBody):
     )
     method: Method | None = None
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    seed: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="Seed of the run. Omitted: one is drawn and shown on the job."
+    )
     metadata: dict[str, str] | None = Field(None, max_length=16)
     integrations: list[Any] | None = Field(None, max_length=0, description="Not supported; must be empty.")
 

@@ -177,6 +177,8 @@ def create(session: Session, project: Project, request: CreateSweep) -> Job:
     parameters, num_trials = _check_space(request)
     objective, evaluation_file = _check_objective(session, project, request)
     base = request.fine_tuning.model_dump(mode="json", exclude_unset=True)
+    if base.get("seed") is None and "seed" not in request.search_space:
+        base["seed"] = fine_tune.draw_seed()  # drawn once: the trials differ only in what is searched
     if len((base.get("metadata") or {}) | {SWEEP_META: "", TRIAL_META: ""}) > 16:
         raise InvalidRequest(
             f"fine_tuning.metadata: trials add {SWEEP_META} and {TRIAL_META}; give at most 14 entries.",

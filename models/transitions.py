@@ -8,6 +8,7 @@ win. The winner stamps the timestamps and writes exactly one event.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Literal
 
 from sqlalchemy import func, update
 from sqlalchemy.orm import Session
@@ -18,6 +19,8 @@ from models.job_status import JobStatus, sources_of
 from models.webhook import record_job_outcome
 
 # The event type written when a job enters each state.
+EventLevel = Literal["info", "warn", "error"]
+
 STATUS_EVENT = {
     JobStatus.validating_files: "created",
     JobStatus.queued: "queued",
@@ -35,8 +38,9 @@ def add_event(
     type: str,
     message: str,
     data: dict | None = None,
-    level: str = "info",
+    level: EventLevel = "info",
 ) -> JobEvent:
+    """Record an event. `level` is OpenAI's enum for fine-tuning events (info, warn, error); `type` is ours."""
     event = JobEvent(job_id=job_id, type=type, message=message, data=data, level=level)
     session.add(event)
     return event

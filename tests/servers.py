@@ -223,7 +223,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent(signal.SIGKILL),
         )
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(host="127.0.0.1", port=self.port)  # where it listens, whatever "localhost" resolves to
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:

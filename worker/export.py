@@ -89,7 +89,7 @@ class Progress(StageProgress):
 
     def event(self, message: str, data: dict | None = None, level: str = "info") -> None:
         with session_scope() as session:
-            add_event(session, self.job_id, "warning" if level == "warning" else "info", message, data, level=level)
+            add_event(session, self.job_id, "warning" if level == "warn" else "info", message, data, level=level)
 
 
 def _stored_key(session, project_id: str, file_id: str, what: str) -> str:
@@ -214,7 +214,7 @@ def _run(job: Job, spec: ExportSpec, base, archives: dict[str, str], work_dir: P
         raise Stopped() from None
     gate.report["prompt_source"] = prompt_source
     if not gate.passed:
-        progress.event("Parity gate failed; nothing is published.", data=gate.report, level="warning")
+        progress.event("Parity gate failed; nothing is published.", data=gate.report, level="warn")
         fail(job.id, lease, system_error("parity_gate_failed", gate_message(gate)))
         return
     progress.event(

@@ -103,7 +103,7 @@ class JobProgress(StageProgress):
             )
             # Told once: a resumed job has already warned about its examples.
             for message, data in _example_warnings(stats) if resumed is None else []:
-                add_event(session, self.job_id, "warning", message, data=data, level="warning")
+                add_event(session, self.job_id, "warning", message, data=data, level="warn")
 
     def on_metrics(self, step: int, total_steps: int, metrics: dict) -> None:
         finish = finish_at(metrics.get("eta_seconds"))

@@ -238,7 +238,7 @@ class SweepPass:
         self._trial_event(
             f"Trial {number} {state}: {why}",
             {"number": number, "fine_tuning_job": child.id, "state": state, "reason": why},
-            level="warning" if state == "failed" else "info",
+            level="warn" if state == "failed" else "info",
         )
 
     def _prune(self, number: int, child: Job, step: int, loss: float) -> None:

@@ -194,7 +194,7 @@ def follow(client: Client, job_path: str, *, as_json: bool, show_history: bool =
             view.update_from_event(data)
             if data.get("event_type") != "metrics" and show_history:
                 stamp = time.strftime("%H:%M:%S", time.localtime(data.get("created_at") or time.time()))
-                style = {"error": "red", "warning": "yellow"}.get(data.get("level", ""), "")
+                style = {"error": "red", "warn": "yellow"}.get(data.get("level", ""), "")
                 bar.console.print(f"[dim]{stamp}[/dim] [{style or 'default'}]{data.get('message', '')}[/]")
             bar.update(task, total=view.total, completed=view.step, **_fields(view))
         job = client.get(job_path)

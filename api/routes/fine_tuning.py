@@ -6,6 +6,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import ProjectDep, ProjectReadDep, SessionDep, presented_key_hash
+from api.query import METADATA_FILTER_PARAMETER, metadata_filter
 from api.schemas.common import ListObject
 from api.schemas.fine_tuning import (
     CheckpointObject,
@@ -36,12 +37,14 @@ def create_job(
     return FineTuningJobObject.from_row(job)
 
 
-@router.get("", response_model=ListObject[FineTuningJobObject])
+@router.get("", response_model=ListObject[FineTuningJobObject], openapi_extra=METADATA_FILTER_PARAMETER)
 async def list_jobs(
-    read: ProjectReadDep, after: str | None = None, limit: Limit = 20
+    request: Request, read: ProjectReadDep, after: str | None = None, limit: Limit = 20
 ) -> ListObject[FineTuningJobObject]:
+    wanted = metadata_filter(request.query_params)
+
     def run(session, project):
-        rows, has_more = fine_tuning.list_jobs(session, project, after, limit)
+        rows, has_more = fine_tuning.list_jobs(session, project, after, limit, metadata=wanted)
         return ListObject.of([FineTuningJobObject.from_row(r) for r in rows], has_more)
 
     return await read(run)

@@ -42,7 +42,7 @@ class JobEventObject(BaseModel):
 
     id: str
     created_at: int
-    level: str
+    level: Literal["info", "warn", "error"]
     message: str
     data: dict | None
     event_type: str

@@ -56,7 +56,10 @@ class SweepObject(BaseModel):
     pruning: dict | None
     search_space: dict
     seed: int
-    fine_tuning: dict = Field(description="The base fine-tuning request, as sent.")
+    fine_tuning: dict = Field(
+        description="The base fine-tuning request, as sent; with a drawn `seed` when it gave none and the seed "
+        "is not searched (every trial then shares it)."
+    )
     progress: SweepProgress
     trials: list[Trial] = Field(description="Every trial so far, by number.")
     best_trial: Trial | None = Field(description="The best complete trial so far.")

@@ -34,12 +34,21 @@ def get(session: Session, project: Project, job_id: str, kind: str) -> Job:
 
 
 def list_of_kind(
-    session: Session, project: Project, kind: str, after: str | None, limit: int, parent_id: str | None = None
+    session: Session,
+    project: Project,
+    kind: str,
+    after: str | None,
+    limit: int,
+    parent_id: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[Job], bool]:
-    """A page of the project's jobs of `kind`; with `parent_id`, only the children of that job."""
+    """A page of the project's jobs of `kind`; with `parent_id`, only the children of that job; with `metadata`,
+    only jobs whose metadata holds every pair."""
     stmt = select(Job).where(Job.project_id == project.id, Job.kind == kind)
     if parent_id is not None:
         stmt = stmt.where(Job.parent_id == parent_id)
+    for key, value in (metadata or {}).items():
+        stmt = stmt.where(Job.user_metadata[key].as_string() == value)
     return page(session, stmt, Job.id, after, limit)
 
 
@@ -86,9 +95,15 @@ class KindReads:
         return get(session, project, job_id, self.kind)
 
     def list(
-        self, session: Session, project: Project, after: str | None, limit: int, parent_id: str | None = None
+        self,
+        session: Session,
+        project: Project,
+        after: str | None,
+        limit: int,
+        parent_id: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> tuple[list[Job], bool]:
-        return list_of_kind(session, project, self.kind, after, limit, parent_id)
+        return list_of_kind(session, project, self.kind, after, limit, parent_id, metadata)
 
     def cancel(self, session: Session, project: Project, job_id: str) -> Job:
         return cancel(session, project, job_id, self.kind)

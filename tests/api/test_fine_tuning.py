@@ -130,3 +130,64 @@ def test_models_lists_the_store(client, auth):
     assert tiny["object"] == "model" and tiny["max_lora_rank"] == 16
     assert client.get("/v1/models/tiny-llama-test", headers=auth).json()["id"] == "tiny-llama-test"
     assert client.get("/v1/models/..%2F..%2Fetc", headers=auth).status_code == 404
+
+
+def test_list_filters_by_metadata_as_the_sdk_sends_it(client, auth, training_file):
+    ids = {
+        name: create(client, auth, training_file=training_file, metadata=meta).json()["id"]
+        for name, meta in {
+            "a": {"team": "vision", "stage": "dev"},
+            "b": {"team": "vision", "stage": "prod"},
+            "c": {"team": "nlp & co", "stage": "dev"},
+            "none": None,
+        }.items()
+    }
+
+    def listed(query: str) -> list[str]:
+        response = client.get(f"/v1/fine_tuning/jobs?limit=100&{query}", headers=auth)
+        assert response.status_code == 200, response.text
+        return sorted(j["id"] for j in response.json()["data"])
+
+    assert listed("metadata%5Bteam%5D=vision") == sorted([ids["a"], ids["b"]])
+    assert listed("metadata[team]=vision&metadata[stage]=dev") == [ids["a"]]
+    assert listed("metadata[team]=nlp+%26+co") == [ids["c"]]
+    assert listed("metadata[team]=nobody") == [] and listed("metadata[owner]=x") == []
+    # Paging through a filtered list: `after` is any job id, the filter still holds.
+    first = client.get("/v1/fine_tuning/jobs?limit=1&metadata[team]=vision", headers=auth).json()
+    assert first["has_more"] is True
+    rest = client.get(f"/v1/fine_tuning/jobs?after={first['data'][0]['id']}&metadata[team]=vision", headers=auth)
+    assert [j["id"] for j in first["data"] + rest.json()["data"]] == [ids["b"], ids["a"]]  # newest first
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("status=running", "status"),  # a filter OpenAI does not have: refused, never ignored
+        ("metadata=team", "metadata"),
+        ("metadataX=1", "metadataX"),
+        ("metadata[team]=a&metadata[team]=b", "metadata[team]"),
+        ("metadata[team][x]=a", "metadata[team][x]"),
+        (f"metadata[team]={'v' * 513}", "metadata[team]"),
+        ("&".join(f"metadata[k{i}]=v" for i in range(17)), "metadata"),
+    ],
+)
+def test_list_refuses_a_query_parameter_it_would_not_apply(client, auth, query, param):
+    response = client.get(f"/v1/fine_tuning/jobs?{query}", headers=auth)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_an_omitted_seed_is_drawn_and_shown(client, auth, training_file):
+    drawn = [create(client, auth, training_file=training_file).json()["seed"] for _ in range(3)]
+    assert all(isinstance(seed, int) and 0 <= seed < 2**31 for seed in drawn)
+    assert len(set(drawn)) == 3  # three draws from 2**31 values
+    assert create(client, auth, training_file=training_file, seed=0).json()["seed"] == 0
+    retried = [
+        client.post(
+            "/v1/fine_tuning/jobs",
+            headers=auth | {"Idempotency-Key": "seed-once"},
+            json={"model": "tiny-llama-test", "training_file": training_file},
+        ).json()
+        for _ in range(2)
+    ]
+    assert retried[0]["id"] == retried[1]["id"] and retried[0]["seed"] == retried[1]["seed"]

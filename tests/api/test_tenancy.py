@@ -331,10 +331,14 @@ def test_lists_never_show_another_projects_objects(owner, app):
             continue
         for query in ("?limit=100", f"?limit=100&parent_id={ids['fine_tune']}"):
             theirs = owner.get(route.path + query, owner.other)
+            if theirs.status_code == 400 and theirs.json()["error"]["code"] == "unknown_parameter":
+                assert theirs.json()["error"]["param"] in ("limit", "parent_id"), (route.path, theirs.text)
+                theirs = owner.get(route.path, owner.other)  # a list without that parameter refuses it
             assert theirs.status_code == 200, (route.path, theirs.text)
             leaked = [i for i in secret_ids if i in theirs.text]
             assert not leaked, (route.path, leaked)
-        mine = owner.get(route.path + "?limit=100").json()
+        mine = owner.get(route.path + "?limit=100")
+        mine = (mine if mine.status_code == 200 else owner.get(route.path)).json()
         listed = {item.get("id") for item in mine["data"] if isinstance(item, dict)}
         assert {ids[kind] for kind in LISTS[route.path]} <= listed, route.path
     # Sub-lists seen by the owner hold what was made above (so their 404s above hid real rows).

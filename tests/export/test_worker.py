@@ -216,7 +216,9 @@ def test_corrupted_export_fails_the_gate_and_publishes_nothing(client, trained, 
     assert "base:" in job["error"]["message"] and "match PyTorch" in job["error"]["message"]
     assert job["result_files"] == [] and job["result"] is None and published_files(job["id"]) == 0
     events = client.get(f"/v1/exports/{job['id']}/events?limit=50", headers=trained.auth).json()["data"]
-    report = next(e for e in events if e["event_type"] == "warning")["data"]
+    warning = next(e for e in events if e["event_type"] == "warning")
+    assert warning["level"] == "warn"  # OpenAI's enum: info, warn, error
+    report = warning["data"]
     assert report["passed"] is False and report["checks"][0]["token_match"] < 1.0
 
 

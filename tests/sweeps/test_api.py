@@ -77,6 +77,8 @@ def test_create_get_list_events_and_tenancy(tenant, client):
     assert created["pruning"]["type"] == "median" and created["pruning"]["n_startup_trials"] == 1
     assert created["trials"] == [] and created["best_trial"] is None and created["progress"]["trials_created"] == 0
     assert created["model"] == "tiny-llama-test" and created["metadata"] == {"team": "a"}
+    # No seed was given: one is drawn for the sweep, so its trials differ only in the searched parameters.
+    assert 0 <= created["fine_tuning"]["seed"] < 2**31
     assert created["fine_tuning"]["training_file"] == tenant.training
     # The checks created no fine-tuning job.
     assert tenant.get("/v1/fine_tuning/jobs").json()["data"] == []
