@@ -14,10 +14,16 @@ import stat
 import tarfile
 from pathlib import Path
 
+# tarfile's extraction filters came in Python 3.11.4; Debian 12's Python is 3.11.2. There the same checks are
+# made here (`_check_without_filters`), and a refused member raises UnsafeArchive, a tarfile.TarError.
+HAS_FILTERS = hasattr(tarfile, "data_filter")
+ArchiveRefused = tarfile.FilterError if HAS_FILTERS else tarfile.TarError
 
-class UnsafeArchive(tarfile.FilterError):
+
+class UnsafeArchive(ArchiveRefused):
     def __init__(self, member: tarfile.TarInfo, reason: str):
         super().__init__(member)
+        self.tarinfo = member
         self.reason = reason
 
     def __str__(self) -> str:
@@ -56,10 +62,30 @@ def _only_files(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo:
     return tarfile.data_filter(member, dest_path)
 
 
+def _check_without_filters(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo:
+    """What `_only_files` and the data filter refuse, for a Python without tarfile's filters."""
+    if not (member.isfile() or member.isdir()):
+        raise UnsafeArchive(member, "only regular files and directories are extracted")
+    if member.name.startswith(("/", "\\")) or os.path.isabs(member.name):
+        raise UnsafeArchive(member, "absolute name")
+    target = os.path.realpath(os.path.join(dest_path, member.name))
+    if os.path.commonpath([target, dest_path]) != dest_path:
+        raise UnsafeArchive(member, "outside the destination")
+    member.mode = (member.mode & 0o755) | (0o700 if member.isdir() else 0o600)  # as the data filter: no set-id bits
+    member.uid = member.gid = 0
+    member.uname = member.gname = ""
+    return member
+
+
 def unpack_tar(archive: Path, destination: Path) -> Path:
-    """Extract a worker-made archive into `destination` (created); raises tarfile.FilterError on any member that
-    is not a regular file or directory inside it."""
+    """Extract a worker-made archive into `destination` (created); raises ArchiveRefused (tarfile.FilterError
+    where tarfile has filters) on any member that is not a regular file or directory inside it."""
     destination.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(destination, filter=_only_files)
+        if HAS_FILTERS:
+            tar.extractall(destination, filter=_only_files)
+        else:
+            dest_path = os.path.realpath(destination)
+            members = [_check_without_filters(member, dest_path) for member in tar.getmembers()]
+            tar.extractall(destination, members=members, numeric_owner=True)
     return destination

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import io
-import tarfile
 import time
 from pathlib import Path
 
@@ -9,6 +7,7 @@ import httpx
 from openai import OpenAI
 
 from tests.conftest import emotion_rows, write_jsonl
+from worker.archives import unpack_tar
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -40,6 +39,7 @@ def download(base_url: str, key: str, file_id: str, **headers) -> httpx.Response
 
 
 def untar(content: bytes, dest: Path) -> Path:
-    with tarfile.open(fileobj=io.BytesIO(content)) as tar:
-        tar.extractall(dest, filter="data")
-    return dest
+    """A downloaded archive, extracted as the workers extract theirs (regular files only, inside `dest`)."""
+    archive = dest.with_name(dest.name + ".tar")
+    archive.write_bytes(content)
+    return unpack_tar(archive, dest)

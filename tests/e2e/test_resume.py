@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.e2e.helpers import download, sdk, untar, upload_emotion, wait_for
+from worker.archives import unpack_tar
 
 SPEC = {
     "text_template": "{text} ->{label}",
@@ -121,9 +122,10 @@ def test_sigkilled_worker_resumes_from_its_last_checkpoint(live, tmp_path):
     csv_text = download(live.base_url, key, metrics_id).text
     assert csv_text.splitlines()[0].startswith("step,train_loss,valid_loss,learning_rate,tokens_per_second")
     assert len(csv_text.splitlines()) == 1 + 300 // 20  # one row per logged step, none twice
-    with tarfile.open(fileobj=io.BytesIO(download(live.base_url, key, tensorboard_id).content)) as tar:
+    (tmp_path / "tb.tar").write_bytes(download(live.base_url, key, tensorboard_id).content)
+    with tarfile.open(tmp_path / "tb.tar") as tar:
         (member,) = tar.getmembers()
-        tar.extractall(tmp_path / "tb", filter="data")
+    unpack_tar(tmp_path / "tb.tar", tmp_path / "tb")
     events = tensorboard_events(tmp_path / "tb" / member.name)
     steps = [e.step for e in events if any(v.tag == "loss/train" for v in e.summary.value)]
     assert steps == list(range(20, 301, 20))

@@ -9,9 +9,7 @@ directly, as a worker would):
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from sqlalchemy import select
 
 from tests.api.test_files import jsonl, upload
 from tests.conftest import emotion_rows, new_key
+from worker.archives import unpack_tar
 
 HERE = Path(__file__).resolve().parent
 
@@ -99,6 +98,6 @@ def create_export(client, auth, **body):
 
 
 def untar(content: bytes, destination: Path) -> Path:
-    with tarfile.open(fileobj=io.BytesIO(content)) as tar:
-        tar.extractall(destination, filter="data")
-    return destination
+    archive = destination.with_name(destination.name + ".tar")
+    archive.write_bytes(content)
+    return unpack_tar(archive, destination)

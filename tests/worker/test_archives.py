@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.archives import unpack_tar
+from worker import archives
+from worker.archives import UnsafeArchive, pack_tar, unpack_tar
 from worker.export import _pack as pack_onnx_package
 from worker.fine_tune import pack_adapter, pack_dir
 
@@ -86,6 +87,16 @@ def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
     return info
 
 
+@pytest.fixture(params=["tarfile filters", "without filters"] if archives.HAS_FILTERS else ["without filters"])
+def extraction(request, monkeypatch) -> type[Exception]:
+    """Both ways of extracting: with tarfile's filters (Python 3.11.4 on) and the checks made without them
+    (Debian 12's 3.11.2), which raise UnsafeArchive."""
+    if request.param == "without filters":
+        monkeypatch.setattr(archives, "HAS_FILTERS", False)
+        return UnsafeArchive
+    return tarfile.FilterError
+
+
 @pytest.mark.parametrize(
     "member",
     [
@@ -101,11 +112,21 @@ def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
     ],
     ids=lambda m: m.name,
 )
-def test_hostile_archive_members_are_refused(tmp_path, member):
+def test_hostile_archive_members_are_refused(tmp_path, member, extraction):
     dest = tmp_path / "work" / "dest"
     archive = _hostile(tmp_path / "hostile.tar", member)
-    with pytest.raises(tarfile.FilterError):
+    with pytest.raises(extraction):
         unpack_tar(archive, dest)
     assert not (tmp_path / "work" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
     assert not Path("/tmp/grove-absolute-escape.txt").exists()
     assert not any(p.is_symlink() for p in dest.rglob("*"))
+
+
+def test_a_worker_archive_round_trips_either_way(tmp_path, trapped, extraction):
+    root, _ = trapped
+    archive = pack_tar(root, tmp_path / "a.tar")
+    dest = unpack_tar(archive, tmp_path / "dest")
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert files == ["adapter_config.json", "manifest.json", "sub/weights.bin"]
+    assert (dest / "sub" / "weights.bin").read_bytes() == b"w" * 10
+    assert all(not (p.stat().st_mode & 0o7022) for p in dest.rglob("*"))  # no set-id bits, no group/other write
