@@ -34,7 +34,7 @@ run: install migrate models
 	PORT=$(PORT) scripts/run-embedded
 
 test: install test-models
-	@m="$$({ command -v chromium || command -v chromium-browser; } >/dev/null || echo ' chromium')$$({ docker compose version || docker-compose version; } >/dev/null 2>&1 || echo ' docker-compose')"; [ -z "$$m" ] || echo "optional tools missing (their tests will be skipped):$$m"
+	@m="$$({ command -v chromium || command -v chromium-browser; } >/dev/null || echo ' chromium')$$({ docker compose version || docker-compose version; } >/dev/null 2>&1 || echo ' docker-compose')$$({ command -v c++ || command -v g++; } >/dev/null || echo ' g++')"; [ -z "$$m" ] || echo "optional tools missing (their tests will be skipped):$$m"
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile

@@ -96,6 +96,10 @@ def _is_public(address: IPAddress) -> bool:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return _is_public(address.ipv4_mapped)
+        if address.sixtofour is not None:
+            # The relay delivers to the embedded IPv4, which alone decides; 2002::/16 itself is judged
+            # differently by Pythons before 3.11.4 (it was listed as private), so it must not decide.
+            return _is_public(address.sixtofour)
         if address in _LOCAL_NAT64 or not all(_is_public(v4) for v4 in _embedded_ipv4(address)):
             return False
     return address.is_global and not address.is_multicast

@@ -68,7 +68,8 @@ class Server:
         for fd in Path(f"/proc/{self.stack.api.pid}/fd").iterdir():
             with contextlib.suppress(FileNotFoundError):
                 target = os.readlink(fd)
-                if target.startswith(tuple(str(root) for root in roots)):
+                # Only what has no name there any more (deleted, or never named): a named file is counted above.
+                if target.startswith(tuple(str(root) for root in roots)) and target not in found:
                     found[f"open: {target}"] = fd.stat().st_size
         return found
 

@@ -174,6 +174,10 @@ def test_eager_attention_keeps_packed_examples_apart_in_the_loss(tiny_model_dir,
     assert float(packed_loss) == pytest.approx(alone, rel=1e-5)
 
 
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")),
+    reason="no C++ compiler (apt-get install g++): torch.compile on CPU builds its kernels with one",
+)
 def test_compiled_layers_train_like_eager_ones(tiny_model_dir, tmp_path):
     settings = {"max_steps": 3, "seed": 4, "examples": chat_examples(12)}
     plain, h1 = run(tiny_model_dir, tmp_path / "a", compile=False, **settings)
@@ -466,3 +470,19 @@ def test_continue_from_an_earlier_adapter(tiny_model_dir, tmp_path):
     )
     # One step at a negligible learning rate: the weights are (almost) those it started from.
     assert_same(adapter_of(second), adapter_of(first), atol=1e-6)
+
+
+def test_compile_without_a_cxx_compiler_names_compile_or_falls_back(monkeypatch):
+    """Where the worker has no C++ compiler, `compile: true` is a user error naming the field; `auto` trains
+    uncompiled."""
+    from jobs.fine_tune_spec import FineTuneSpec
+    from models.errors import InvalidRequest
+    from worker import model_setup
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    fields = {"model": "tiny-llama-test", "training_file": "file-x"}
+    cpu = torch.device("cpu")
+    with pytest.raises(InvalidRequest) as refused:
+        model_setup.resolve_compile(FineTuneSpec(**fields, compile=True), cpu, 5000, False)
+    assert refused.value.param == "compile" and "C++ compiler" in refused.value.message
+    assert model_setup.resolve_compile(FineTuneSpec(**fields), cpu, 5000, False) is False
