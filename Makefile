@@ -6,7 +6,7 @@ PY := $(BIN)/python
 PORT ?= 8000
 # pytest-xdist workers for `make test`, each with its own PostgreSQL, Redis and live stacks; whole test files go to
 # one worker (--dist loadfile). Most of the suite waits on processes (leases, training steps of other processes),
-# so two workers on two cores halve the wall time. 0 runs the suite in this one process.
+# so two workers on two cores run it 1.7x faster (docs/BENCHMARKS.md, Test suite). 0 runs it in this one process.
 TEST_WORKERS ?= 2
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
