@@ -377,6 +377,13 @@ class Stack:
         with self.session() as session:
             return _new_key(session, project)
 
+    def grove(self, *args: str) -> str:
+        """Run the `grove` command line as this stack's processes run (its directory, its environment)."""
+        command = [str(Path(sys.executable).parent / "grove"), *args]
+        return subprocess.run(
+            command, cwd=self.cwd, env=self.env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         log = (self.logs / log_name).open("ab")
         # A session of its own, so that stopping signals the whole tree (Celery's pool children too).
@@ -518,16 +525,7 @@ def embedded(tiny_model):
             "GROVE_RUN_RECONCILER": "true",
         },
     )
-    bin_dir = Path(sys.executable).parent
-    key = subprocess.run(
-        [str(bin_dir / "grove"), "bootstrap", "--key-file", str(root / "api-key")],
-        cwd=REPO,
-        env=stack.env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    stack.key = key
+    stack.key = stack.grove("bootstrap", "--key-file", str(root / "api-key"))
     stack.start()
     yield stack
     stack.stop()

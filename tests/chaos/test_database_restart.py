@@ -4,7 +4,6 @@ database and gives the job back, and the job resumes and succeeds."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 
@@ -12,7 +11,7 @@ import httpx
 import pytest
 
 from tests.chaos.test_faults import SPEC, TERMINAL, client_for, dataset, upload, wait_all
-from tests.conftest import REPO, Stack, alembic
+from tests.conftest import Stack, alembic
 from tests.servers import PostgresServer
 
 
@@ -43,14 +42,7 @@ def test_database_restart(private_postgres, private_redis, tiny_model):
         },
     )
     try:
-        key = subprocess.run(
-            [str(REPO / ".venv" / "bin" / "grove"), "keys", "create", "--project", "restart"],
-            cwd=REPO,
-            env=stack.env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        key = stack.grove("keys", "create", "--project", "restart")
         stack.start()
         with client_for(stack, key) as http:
             file_id = upload(http, dataset(40)).json()["id"]

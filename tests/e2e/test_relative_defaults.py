@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 import uuid
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from models.config import Settings
 from tests.chaos.test_faults import SPEC, dataset, upload, wait_all
 from tests.conftest import REPO, Stack, alembic
+from tests.export.test_e2e import wait_for_export
 
 # The defaults as declared, before any validator: what a user who sets nothing gets.
 RELATIVE_DEFAULTS = {
@@ -42,29 +41,10 @@ def relative_stack(tmp_path_factory, tiny_model):
     alembic("upgrade", "head", url=f"sqlite:///{home}/{RELATIVE_DEFAULTS['GROVE_DATABASE_URL'].split('///')[1]}")
     env = RELATIVE_DEFAULTS | {"GROVE_FINE_TUNE_QUEUE": "fine_tune", "GROVE_RUN_RECONCILER": "true"}
     stack = Stack(f"relative-{uuid.uuid4().hex[:6]}", env, cwd=home)
-    stack.key = subprocess.run(
-        [str(Path(sys.executable).parent / "grove"), "bootstrap", "--key-file", "var/api-key"],
-        cwd=home,
-        env=stack.env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    stack.key = stack.grove("bootstrap", "--key-file", "var/api-key")
     stack.start()
     yield stack, home
     stack.stop()
-
-
-def wait_export(http: httpx.Client, export_id: str, timeout: float = 300) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = http.get(f"/v1/exports/{export_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"export {export_id} did not finish in {timeout}s")
 
 
 def test_multi_and_separate_exports_under_the_relative_defaults(relative_stack, tmp_path):
@@ -94,6 +74,6 @@ def test_multi_and_separate_exports_under_the_relative_defaults(relative_stack, 
                 json={"source": {"adapters": [{"fine_tuning_job": job_id}]}, "precision": "fp32", "adapter_mode": mode},
             )
             assert created.status_code == 200, created.text
-            export = wait_export(http, created.json()["id"])
+            export = wait_for_export(stack, stack.key, created.json()["id"], timeout=300)
             assert export["status"] == "succeeded", (mode, export["error"], stack.log("worker.log"))
             assert export["result"]["adapter_mode"] == mode and export["result"]["gate"]["passed"]
