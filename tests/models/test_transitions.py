@@ -1,3 +1,5 @@
+import uuid
+
 import pytest
 from sqlalchemy import select
 
@@ -11,7 +13,8 @@ from models.transitions import switch_job_status
 @pytest.fixture
 def job_id(database) -> str:
     with session_scope() as session:
-        project = Project(name=f"t-{id(session)}-{JobStatus.queued}")
+        # id(session) is reused once a session is freed, and the database outlives each test.
+        project = Project(name=f"transitions-{uuid.uuid4().hex}")
         session.add(project)
         session.flush()
         job = Job(project_id=project.id, model="tiny-llama-test", queue="unused", spec={}, status=JobStatus.queued)
