@@ -109,7 +109,9 @@ class TrainingOptions(BaseModel):
     )
     mixed_precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         AUTO,
-        description="Compute dtype. auto: bf16 on a CUDA device that supports it, else fp32. bf16 on CPU keeps "
+        description="Compute dtype. auto: bf16 on a CUDA device that supports it; on a CPU, bf16 where its bf16 "
+        "matmuls measure at least 1.3x as fast as fp32 at the model's shapes (CPUs with AVX512_BF16 or AMX), "
+        "else fp32; the job's start event says which and why. bf16 on CPU keeps "
         "the frozen base in bf16 and computes lora/dora adapters in bf16, with fp32 master weights for the "
         "optimizer (saved weights are fp32). fp16 needs CUDA.",
     )
@@ -214,11 +216,28 @@ def resolve_gradient_accumulation(spec: FineTuneSpec, batch_size: int) -> int | 
     return None if steps == AUTO else min(int(steps), batch_size)
 
 
-def resolve_mixed_precision(spec: FineTuneSpec, cuda: bool, cuda_bf16: bool) -> str:
-    """bf16, fp16 or fp32 for the device at hand."""
+# bf16 on a CPU only where its matmuls measured at least this much faster than fp32's: below it, the saved
+# time would not pay for the rounding (and on CPUs without bf16 instructions bf16 is several times slower).
+CPU_BF16_MIN_SPEEDUP = 1.3
+
+
+def resolve_mixed_precision(
+    spec: FineTuneSpec, cuda: bool, cuda_bf16: bool, cpu_bf16_speedup: float | None = None
+) -> tuple[str, str]:
+    """(bf16, fp16 or fp32, why) for the device at hand. `cpu_bf16_speedup`: fp32 matmul time over bf16's on
+    this CPU at the model's shapes (worker/precision_probe.py), measured only where auto needs it."""
     if spec.mixed_precision != AUTO:
-        return spec.mixed_precision
-    return "bf16" if cuda and cuda_bf16 else "fp32"
+        return spec.mixed_precision, "set in the job's hyperparameters"
+    if cuda:
+        if cuda_bf16:
+            return "bf16", "auto: this CUDA device supports bf16"
+        return "fp32", "auto: this CUDA device has no bf16"
+    if cpu_bf16_speedup is None:
+        return "fp32", "auto: no bf16 measurement on this CPU"
+    verdict = f"bf16 matmuls at this model's shapes ran {cpu_bf16_speedup:.2f}x as fast as fp32 on this CPU"
+    if cpu_bf16_speedup >= CPU_BF16_MIN_SPEEDUP:
+        return "bf16", f"auto: {verdict}"
+    return "fp32", f"auto: {verdict} (bf16 needs {CPU_BF16_MIN_SPEEDUP}x)"
 
 
 def split_at_completion_marker(template: str | None) -> tuple[str, str] | None:

@@ -98,7 +98,8 @@ class JobProgress(StageProgress):
                 "info",
                 f"Training on {stats.get('n_examples')} examples for {total_steps} steps "
                 f"on {stats.get('device', 'cpu')} ({stats.get('mixed_precision')}, "
-                f"{stats.get('adapter_type')}; tokenization cache {stats.get('tokenization_cache')}).",
+                f"{stats.get('adapter_type')}; tokenization cache {stats.get('tokenization_cache')}). "
+                f"Precision {stats.get('mixed_precision')}: {stats.get('mixed_precision_reason')}.",
                 data=stats,
             )
             # Told once: a resumed job has already warned about its examples.

@@ -94,10 +94,10 @@ def train_adapter(
     if not resume:
         shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
 
-    device = pick_training_device(spec, base_dir)
+    saved = checkpoint_steps(work_dir) if resume else []
+    device = pick_training_device(spec, base_dir, work_dir, resuming=bool(saved))
     data = load_training_data(spec, base_dir, train_examples, valid_examples, cache_dir)
     plan = TrainingPlan.for_data(spec, data.train, device.cuda)
-    saved = checkpoint_steps(work_dir) if resume else []
     model = TrainedModel.build(
         spec,
         base_dir,
@@ -160,6 +160,7 @@ def _run_stats(
         "device": str(device.device),
         "threads": device.threads,
         "mixed_precision": device.precision,
+        "mixed_precision_reason": device.precision_reason,
         "dtype": model.dtype(),
         "gradient_checkpointing": model.gradient_checkpointing,
         "compiled_layers": model.compiled_layers,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.fine_tune_spec import FineTuneSpec, resolve_mixed_precision
+from jobs.fine_tune_spec import FineTuneSpec
 from models.errors import InvalidRequest
 from models.model_store import load_options
 from worker.master_weights import TrainedWeights
@@ -27,6 +27,7 @@ from worker.model_setup import (
     save_weights,
     set_threads,
 )
+from worker.precision_probe import choose_precision
 from worker.train_plan import TrainingPlan
 
 
@@ -35,6 +36,7 @@ class TrainingDevice:
     device: Any  # torch.device
     threads: int
     precision: str  # bf16 | fp16 | fp32
+    precision_reason: str  # why: set by the job, or what auto measured (worker/precision_probe.py)
     config: Any  # the base model's transformers config, which the thread count was chosen for
 
     @property
@@ -42,7 +44,9 @@ class TrainingDevice:
         return self.device.type == "cuda"
 
 
-def pick_training_device(spec: FineTuneSpec, base_dir: Path) -> TrainingDevice:
+def pick_training_device(
+    spec: FineTuneSpec, base_dir: Path, work_dir: Path | None = None, resuming: bool = False
+) -> TrainingDevice:
     import torch
     from transformers import AutoConfig
 
@@ -50,10 +54,11 @@ def pick_training_device(spec: FineTuneSpec, base_dir: Path) -> TrainingDevice:
     threads = set_threads(config)
     device = pick_device()
     cuda = device.type == "cuda"
-    precision = resolve_mixed_precision(spec, cuda, cuda and torch.cuda.is_bf16_supported())
-    if precision == "fp16" and not cuda:
+    if spec.mixed_precision == "fp16" and not cuda:
         raise InvalidRequest("mixed_precision fp16 needs a CUDA device; use bf16 or fp32.", param="mixed_precision")
-    return TrainingDevice(device, threads, precision, config)
+    cuda_bf16 = cuda and torch.cuda.is_bf16_supported()
+    precision, reason = choose_precision(spec, config, threads, cuda, cuda_bf16, work_dir, resuming)
+    return TrainingDevice(device, threads, precision, reason, config)
 
 
 @dataclass

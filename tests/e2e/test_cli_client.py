@@ -66,6 +66,7 @@ def test_finetune_wait_lists_and_downloads_with_resume(grove, live, tmp_path):
     assert "uploaded" in result.output and "succeeded" in result.output
     assert "step 6/6" in result.output  # the progress bar's final state
     assert "Training on 24 examples" in result.output  # events are printed above the bar
+    assert "auto: bf16 matmuls at this model's shapes ran" in result.output  # why auto chose its precision
     job_id = result.output.split(" succeeded.")[0].split()[-1]
     assert job_id.startswith("ftjob-")
 
