@@ -135,7 +135,8 @@ class View:
     extra: dict = field(default_factory=dict)
 
     def update_from_job(self, job: dict) -> None:
-        self.status = job.get("status", self.status)
+        # status_detail: Grove's own status where the OpenAI-shaped one is coarser (cancelling shows as running).
+        self.status = job.get("status_detail") or job.get("status", self.status)
         progress = job.get("progress") or {}
         self.step = progress.get("step") or self.step
         self.total = progress.get("total_steps") or self.total

@@ -82,7 +82,7 @@ def jobs_list(
         steps = f"{progress.get('step', 0)}/{progress.get('total_steps') or '?'}"
         table.add_row(
             job["id"],
-            job["status"],
+            job.get("status_detail") or job["status"],
             str(job.get("model", "-")),
             f"{steps} ({pct:.0f}%)" if pct is not None else steps,
             eta(job),

@@ -10,6 +10,7 @@ from api.schemas.common import JobEventObject
 from jobs.fine_tune_spec import TrainingOptions
 from models.base import unix
 from models.job import Checkpoint, Job, JobEvent
+from models.job_status import JobStatus
 
 
 class JobError(BaseModel):
@@ -25,6 +26,11 @@ class Progress(BaseModel):
     percent: float | None
 
 
+# Statuses of Grove's own that OpenAI's enum lacks, as OpenAI-shaped clients are shown them: a job whose cancel
+# is asked is still running until its worker stops it. `status_detail` carries Grove's own.
+OPENAI_STATUS = {JobStatus.cancelling: JobStatus.running}
+
+
 class FineTuningJobObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -38,7 +44,10 @@ class FineTuningJobObject(BaseModel):
     organization_id: str
     result_files: list[str]
     seed: int
-    status: str
+    status: str = Field(
+        description="OpenAI's status: validating_files, queued, running, succeeded, failed or cancelled. A job "
+        "whose cancel was asked shows running until its worker has stopped (status_detail says cancelling)."
+    )
     trained_tokens: int | None
     training_file: str
     validation_file: str | None
@@ -48,6 +57,10 @@ class FineTuningJobObject(BaseModel):
     user_provided_suffix: str | None = None
     # Grove extensions: progress, the result summary, and every TrainingOptions field as resolved (extra).
     model_config = ConfigDict(extra="allow")
+    status_detail: str = Field(
+        description="Grove extension: Grove's own status, which is `status` except `cancelling` (a cancel asked, "
+        "the worker stopping)."
+    )
     started_at: int | None = None
     progress: Progress
     adapter: dict
@@ -77,7 +90,8 @@ class FineTuningJobObject(BaseModel):
             organization_id=job.project_id,
             result_files=list(job.result_files or []),
             seed=spec["seed"],
-            status=job.status,
+            status=OPENAI_STATUS.get(job.status, job.status),
+            status_detail=job.status,
             trained_tokens=job.trained_tokens,
             training_file=job.training_file_id or "",
             validation_file=job.validation_file_id,

@@ -36,7 +36,7 @@ def test_cancel_stops_a_running_job_within_two_steps_and_a_queued_job_at_once(li
             assert cancelled["status"] == "cancelled"
 
             requested = time.monotonic()
-            assert http.post(f"/v1/fine_tuning/jobs/{running}/cancel").json()["status"] == "cancelling"
+            assert http.post(f"/v1/fine_tuning/jobs/{running}/cancel").json()["status_detail"] == "cancelling"
             job = wait_all(http, [running], timeout=60)[running]
             seconds_to_cancelled.append(time.monotonic() - requested)
             assert job["status"] == "cancelled" and job["result_files"] == []

@@ -76,7 +76,7 @@ def cancel_at(tenant, job_id: str, calls: list, at: int):
     def record() -> None:
         calls.append(len(calls))
         if len(calls) == at:
-            assert tenant.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", {}).json()["status"] == "cancelling"
+            assert tenant.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", {}).json()["status_detail"] == "cancelling"
             time.sleep(STOP_POLL_SECONDS + 0.2)
 
     return record

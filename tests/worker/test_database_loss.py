@@ -97,7 +97,7 @@ def test_a_stage_that_loses_the_database_gives_the_job_back(job_id, queue, monke
 
 def test_a_cancelling_job_is_cancelled_when_given_back(job_id, client, auth):
     lease = claim(job_id)
-    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth).json()["status_detail"] == "cancelling"
     assert tasks.give_back(job_id, lease) == "cancelled"
     assert _job(job_id).status == JobStatus.cancelled
 

@@ -121,7 +121,7 @@ def test_heartbeat_sees_cancel(job_id, client, auth):
     lease = claim(job_id)
     lease.beat()
     assert not lease.should_stop
-    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth).json()["status_detail"] == "cancelling"
     lease.beat()
     assert lease.cancel_requested.is_set() and lease.should_stop
 
