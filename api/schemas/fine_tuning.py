@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from api.schemas.common import JobEventObject
 from jobs.fine_tune_spec import TrainingOptions
@@ -29,9 +29,23 @@ class Progress(BaseModel):
 # Statuses of Grove's own that OpenAI's enum lacks, as OpenAI-shaped clients are shown them: a job whose cancel
 # is asked is still running until its worker stops it. `status_detail` carries Grove's own.
 OPENAI_STATUS = {JobStatus.cancelling: JobStatus.running}
+OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
-class FineTuningJobObject(BaseModel):
+# Every TrainingOptions field is shown on the job as resolved at creation (defaults filled): declared here, so that
+# OpenAPI documents each extension a client will meet. Typed loosely: a job created by an older version shows its
+# spec as stored, which today's constraints might refuse.
+_SHOWN_OPTIONS = create_model(
+    "ShownTrainingOptions",
+    **{
+        name: (Any, Field(None, description=f"Grove extension, as the job was created: {field.description}"))
+        for name, field in TrainingOptions.model_fields.items()
+        if name not in {"adapter", "max_steps", "learning_rate", "max_seq_len", "text_template"}
+    },
+)
+
+
+class FineTuningJobObject(_SHOWN_OPTIONS):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     created_at: int
@@ -55,8 +69,13 @@ class FineTuningJobObject(BaseModel):
     integrations: list = Field(default_factory=list)
     metadata: dict | None = None
     user_provided_suffix: str | None = None
-    # Grove extensions: progress, the result summary, and every TrainingOptions field as resolved (extra).
+    # Grove extensions: progress, the result summary, and every TrainingOptions field as resolved.
     model_config = ConfigDict(extra="allow")
+    resolved_training: dict | None = Field(
+        None,
+        description="Grove extension: once the job runs, the peak `learning_rate` and the "
+        "`gradient_accumulation_steps` it resolved (`hyperparameters` holds OpenAI's three).",
+    )
     status_detail: str = Field(
         description="Grove extension: Grove's own status, which is `status` except `cancelling` (a cancel asked, "
         "the worker stopping)."
@@ -78,14 +97,16 @@ class FineTuningJobObject(BaseModel):
     def from_row(cls, job: Job) -> FineTuningJobObject:
         spec = job.spec
         total = job.total_steps
+        openai_hyperparameters = {k: v for k, v in job.hyperparameters.items() if k in OPENAI_HYPERPARAMETERS}
         return cls(
             id=job.id,
             created_at=unix(job.created_at),
             error=JobError(**job.error) if job.error else None,
             fine_tuned_model=job.fine_tuned_model,
             finished_at=unix(job.finished_at),
-            hyperparameters=job.hyperparameters,
-            method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
+            hyperparameters=openai_hyperparameters,
+            method={"type": "supervised", "supervised": {"hyperparameters": openai_hyperparameters}},
+            resolved_training={k: v for k, v in job.hyperparameters.items() if k not in OPENAI_HYPERPARAMETERS} or None,
             model=job.model,
             organization_id=job.project_id,
             result_files=list(job.result_files or []),
@@ -133,15 +154,32 @@ class FineTuningJobEventObject(JobEventObject):
         return row
 
 
+# The metrics OpenAI's checkpoint object names; the rest of a step's metrics are a Grove extension beside them.
+OPENAI_CHECKPOINT_METRICS = (
+    "step",
+    "train_loss",
+    "valid_loss",
+    "full_valid_loss",
+    "train_mean_token_accuracy",
+    "valid_mean_token_accuracy",
+    "full_valid_mean_token_accuracy",
+)
+
+
 class CheckpointObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     created_at: int
     fine_tuned_model_checkpoint: str
     fine_tuning_job_id: str
-    metrics: dict
+    metrics: dict = Field(description=f"OpenAI's metrics at this step: {', '.join(OPENAI_CHECKPOINT_METRICS)}.")
     step_number: int
     file_id: str | None = Field(None, description="Grove extension: the checkpoint's adapter archive.")
+    training_metrics: dict = Field(
+        default_factory=dict,
+        description="Grove extension: the step's other metrics (epoch, learning_rate, trained_tokens, "
+        "tokens_per_second, peak_memory_mb, ...).",
+    )
 
     @classmethod
     def from_row(cls, checkpoint: Checkpoint, job: Job) -> CheckpointObject:
@@ -150,7 +188,10 @@ class CheckpointObject(BaseModel):
             created_at=unix(checkpoint.created_at),
             fine_tuned_model_checkpoint=f"{job.model}:ckpt-step-{checkpoint.step}:{job.id}",
             fine_tuning_job_id=job.id,
-            metrics=checkpoint.metrics or {},
+            metrics={k: v for k, v in (checkpoint.metrics or {}).items() if k in OPENAI_CHECKPOINT_METRICS},
+            training_metrics={
+                k: v for k, v in (checkpoint.metrics or {}).items() if k not in OPENAI_CHECKPOINT_METRICS
+            },
             step_number=checkpoint.step,
             file_id=checkpoint.file_id,
         )

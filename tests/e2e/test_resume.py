@@ -107,7 +107,7 @@ def test_sigkilled_worker_resumes_from_its_last_checkpoint(live, tmp_path):
     steps = sorted(c.step_number for c in checkpoints)
     best = done.model_extra["result"]["best_step"]
     assert steps == sorted({280, 300, best})
-    assert [c for c in checkpoints if c.metrics.model_extra.get("is_best")][0].step_number == best
+    assert [c for c in checkpoints if c.model_extra["training_metrics"].get("is_best")][0].step_number == best
     latest = max(checkpoints, key=lambda c: c.step_number)
     assert latest.metrics.full_valid_loss > 0
     archive = download(live.base_url, key, latest.model_extra["file_id"])
