@@ -66,9 +66,9 @@ def jsonl(rows: list[dict]) -> bytes:
 
 
 def stored_under(server: Server, upload_id: str) -> list[Path]:
-    """The stored objects of an upload's parts: what the store holds in the upload's folder."""
+    """What the store holds of an upload: its parts' folder and the objects in it."""
     objects = server.staging_dir.parent / "objects"
-    return sorted(p for p in objects.rglob("*") if p.is_file() and upload_id in p.parts)
+    return sorted(p for p in objects.rglob("*") if upload_id in p.parts)
 
 
 def part_rows(server: Server, upload_id: str) -> list[UploadPart]:
@@ -129,7 +129,7 @@ def test_parts_are_joined_in_the_order_given_and_a_retried_create_is_the_same_up
     part_b = client.uploads.parts.create(upload.id, data=second)  # sent first, placed second
     part_a = client.uploads.parts.create(upload.id, data=first)
     assert part_a.object == "upload.part" and part_a.upload_id == upload.id
-    assert len(stored_under(server, upload.id)) == 2
+    assert len(stored_under(server, upload.id)) == 3  # the folder and two parts
 
     done = client.uploads.complete(upload.id, part_ids=[part_a.id, part_b.id])
     assert client.files.content(done.file.id).content == first + second
@@ -232,7 +232,7 @@ def test_a_cancelled_upload_leaves_no_bytes(server):
     upload = new_upload(client, 3000)
     for _ in range(2):
         client.uploads.parts.create(upload.id, data=b"x" * 1000)
-    stored = stored_under(server, upload.id)
+    stored = [p for p in stored_under(server, upload.id) if p.is_file()]
     assert len(stored) == 2 and all(p.stat().st_size == 1000 for p in stored)
 
     cancelled = client.uploads.cancel(upload.id)
@@ -244,7 +244,7 @@ def test_an_abandoned_upload_expires_and_leaves_no_bytes(server):
     client = client_of(server)
     upload = new_upload(client, 3000)
     client.uploads.parts.create(upload.id, data=b"x" * 1000)
-    assert len(stored_under(server, upload.id)) == 1
+    assert len(stored_under(server, upload.id)) == 2  # the folder and the part
     with server.stack.session() as session:
         session.get(Upload, upload.id).expires_at = utcnow() - timedelta(seconds=1)
 
