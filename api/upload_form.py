@@ -1,5 +1,9 @@
 """The upload's multipart body, read as it arrives: never before the key is checked, never spooled.
 
+Used by `POST /v1/files` (the file part `file`, held to GROVE_MAX_UPLOAD_BYTES) and by an upload's parts,
+`POST /v1/uploads/{id}/parts` (the part `data`, held to GROVE_MAX_UPLOAD_PART_BYTES or what the upload's
+declared bytes leave, api/services/uploads.py); the rules below are the same for both.
+
 `POST /v1/files` declares no Form or File parameters, so no byte of its body is read before the route has
 checked the key. The route then reads the body itself (`request.stream()`) from a worker thread, counting the
 bytes as they arrive, and feeds them to python-multipart's streaming parser: the file part's bytes go straight

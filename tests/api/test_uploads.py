@@ -1,7 +1,8 @@
 """Issue 19, multipart uploads: OpenAI's `/v1/uploads` driven by the official `openai` SDK, unchanged, against a
 live API process (uvicorn, PostgreSQL, Redis, its reconciler every second) whose limits are lowered so that big
 sizes stay cheap: a part at most PART_LIMIT bytes, an upload at most TOTAL_LIMIT, a single upload at most
-SINGLE_LIMIT. Each test makes its own project; the store's contents are read from the stack's directory."""
+SINGLE_LIMIT. Each test makes its own project; the store's contents are read from the stack's directory. The
+last test breaks a completion in-process (TestClient) to show what a crash before its commit leaves."""
 
 from __future__ import annotations
 
@@ -292,3 +293,44 @@ def test_files_list_in_both_orders(server):
     with pytest.raises(openai.BadRequestError) as error:
         client.files.list(order="sideways")
     assert error.value.param == "order"
+
+
+def test_a_completion_that_fails_before_its_commit_leaves_the_upload_whole(client, auth, monkeypatch):
+    """In-process: the completion fails after the assembled file was stored, before its transaction committed (as
+    a crash there would). No file is listed or stored, the upload is still pending with its parts, and completing
+    again works."""
+    from api.services import uploads as service
+    from models.config import get_settings
+    from models.db import session_scope
+
+    rows = jsonl(prompt_completion_rows(12))
+    body = {"bytes": len(rows), "filename": "d.jsonl", "mime_type": JSONL, "purpose": "fine-tune"}
+    upload_id = client.post("/v1/uploads", headers=auth, json=body).json()["id"]
+    part_ids = [
+        client.post(f"/v1/uploads/{upload_id}/parts", headers=auth, files={"data": ("p", piece)}).json()["id"]
+        for piece in (rows[:500], rows[500:])
+    ]
+    objects = get_settings().storage_dir / "objects"
+    stored_before = sorted(objects.rglob("*"))
+
+    def crash(*_args):
+        raise RuntimeError("the process died here")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(service, "drop_parts", crash)
+        with pytest.raises(RuntimeError):
+            client.post(f"/v1/uploads/{upload_id}/complete", headers=auth, json={"part_ids": part_ids})
+    assert client.get("/v1/files", headers=auth).json()["data"] == []
+    assert sorted(objects.rglob("*")) == stored_before  # the stored file went with the rollback; the parts stayed
+    with session_scope() as session:
+        assert session.get(Upload, upload_id).status == "pending"
+        assert len(list(session.scalars(select(UploadPart).where(UploadPart.upload_id == upload_id)))) == 2
+
+    # Completing again works; a retry with the same Idempotency-Key gets the same answer, not a 409.
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    done = client.post(f"/v1/uploads/{upload_id}/complete", headers=auth | key, json={"part_ids": part_ids})
+    assert done.status_code == 200 and done.json()["status"] == "completed", done.text
+    again = client.post(f"/v1/uploads/{upload_id}/complete", headers=auth | key, json={"part_ids": part_ids})
+    assert again.json() == done.json()
+    assert client.get(f"/v1/files/{done.json()['file']['id']}/content", headers=auth).content == rows
+    assert not any(upload_id in path.parts for path in objects.rglob("*"))
