@@ -17,6 +17,7 @@ Completing writes in this order, so that a crash anywhere leaves either the pend
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from datetime import timedelta
 
 from sqlalchemy import func, select
@@ -101,11 +102,15 @@ def _received(session: Session, upload: Upload) -> int:
 
 def part_form(session: Session, project: Project, upload_id: str, request) -> UploadForm:
     """The part's form, held to the smaller of the part limit and what the upload still lacks. Checked before a
-    byte of the body is read: an unknown, ended or full upload is answered at once."""
+    byte of the body is read: an unknown, ended or full upload is answered at once. A part sent with an
+    Idempotency-Key may be the retry of one already counted: it is held to the part limit alone here, and to the
+    declared bytes once it is known not to be a retry (`add_part`)."""
     settings = get_settings()
     upload = get(session, project, upload_id)
     _check_pending(upload, "take more parts")
     room = upload.bytes - _received(session, upload)
+    if request.headers.get(idempotency.HEADER) is not None:
+        room = upload.bytes
     if room <= 0:
         raise InvalidRequest(
             f"Upload {upload.id} already holds its declared {upload.bytes} bytes: complete it.", param=PART_FIELD
@@ -167,9 +172,9 @@ def _get_part(session: Session, upload_id: str, part_id: str) -> UploadPart:
 
 
 def _ordered_parts(session: Session, upload: Upload, part_ids: list[str]) -> list[UploadPart]:
-    repeated = sorted({p for p in part_ids if part_ids.count(p) > 1})
+    repeated = [part_id for part_id, times in Counter(part_ids).items() if times > 1]
     if repeated:
-        raise InvalidRequest(f"part_ids: {repeated[0]!r} is listed more than once.", param="part_ids")
+        raise InvalidRequest(f"part_ids: {repeated[0][:60]!r} is listed more than once.", param="part_ids")
     found = {
         part.id: part
         for part in session.scalars(

@@ -119,7 +119,7 @@ def test_a_dataset_over_the_single_upload_limit_goes_in_parts_and_is_accepted_by
     assert job.status == "queued" and job.training_file == file.id
 
 
-def test_parts_are_joined_in_the_order_given_and_a_retried_create_is_the_same_upload(server):
+def test_parts_are_joined_in_the_order_given_and_retries_with_a_key_make_nothing_twice(server):
     client = client_of(server)
     first, second = jsonl(prompt_completion_rows(12)[:6]), jsonl(prompt_completion_rows(12)[6:])
     key = {"Idempotency-Key": uuid.uuid4().hex}
@@ -127,7 +127,9 @@ def test_parts_are_joined_in_the_order_given_and_a_retried_create_is_the_same_up
     assert upload.status == "pending" and upload.file is None
     assert new_upload(client, len(first) + len(second), extra_headers=key).id == upload.id
 
-    part_b = client.uploads.parts.create(upload.id, data=second)  # sent first, placed second
+    part_key = {"Idempotency-Key": uuid.uuid4().hex}
+    part_b = client.uploads.parts.create(upload.id, data=second, extra_headers=part_key)  # sent first, placed second
+    assert client.uploads.parts.create(upload.id, data=second, extra_headers=part_key).id == part_b.id
     part_a = client.uploads.parts.create(upload.id, data=first)
     assert part_a.object == "upload.part" and part_a.upload_id == upload.id
     assert len(stored_under(server, upload.id)) == 3  # the folder and two parts
