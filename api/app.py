@@ -23,6 +23,7 @@ from api.routes import (
     models,
     page,
     sweeps,
+    uploads,
     webhooks,
 )
 from models.config import get_settings
@@ -59,7 +60,8 @@ def create_app() -> FastAPI:
         dependencies=[Depends(refuse_unknown_query)],
     )
     install_error_handlers(app)
-    for module in (health, files, fine_tuning, models, exports, evaluations, sweeps, webhooks, keys, metrics, page):
+    routers = (health, files, uploads, fine_tuning, models, exports, evaluations, sweeps, webhooks, keys, metrics, page)
+    for module in routers:
         app.include_router(module.router)
     app.add_middleware(CloseUnreadUploads)  # an upload answered before its body was read (api/limits.py)
     app.add_middleware(RequestLimits)  # JSON body size and the per-key rate limit (api/limits.py)

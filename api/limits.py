@@ -1,7 +1,8 @@
 """Request limits enforced around a route: the size of a JSON body, and rate limits; and the closing of an
 upload's connection when it is answered before its body was read.
 
-- Uploads (`POST /v1/files`) are held to GROVE_MAX_UPLOAD_BYTES by the route itself, after the key is checked
+- Uploads (`POST /v1/files`, and an upload's parts, `POST /v1/uploads/{id}/parts`) are held to
+  GROVE_MAX_UPLOAD_BYTES (a part: GROVE_MAX_UPLOAD_PART_BYTES) by the route itself, after the key is checked
   and as the bytes arrive (api/upload_form.py). An upload answered before its body was read in full (401,
   403, 413, 400) gets `Connection: close` (`CloseUnreadUploads`): the server then stops reading, where it
   would otherwise go on receiving, and discarding, all that the client still sends.
@@ -38,6 +39,7 @@ import hashlib
 import ipaddress
 import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -55,7 +57,8 @@ from models.errors import PayloadTooLarge, RateLimited
 log = logging.getLogger(__name__)
 
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-UPLOAD_PATH = "/v1/files"
+# The routes that read their multipart body themselves, held to the upload limits rather than the JSON one.
+UPLOAD_PATHS = re.compile(r"^/v1/(files|uploads/[^/]+/parts)$")
 VERIFIED_KEY_SECONDS = 60.0
 
 
@@ -67,6 +70,11 @@ def limiter_storage_url(settings: Settings) -> str:
     if url.startswith(("async+", "memory://")):
         return url if url.startswith("async+") else f"async+{url}"
     return "async+memory://"
+
+
+def is_upload(scope: Scope) -> bool:
+    """A file upload or an upload's part: a POST whose body the route reads and bounds itself."""
+    return scope["method"] == "POST" and UPLOAD_PATHS.match(scope["path"].rstrip("/")) is not None
 
 
 def configured(rate: str | None) -> str | None:
@@ -246,7 +254,7 @@ class CloseUnreadUploads:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != UPLOAD_PATH:
+        if scope["type"] != "http" or not is_upload(scope):
             await self.app(scope, receive, send)
             return
         body_read = False
@@ -301,7 +309,7 @@ class RequestLimits:
             else:
                 send = _counted_when_answered(limiter, settings, key_hash, address, scope, receive, send)
 
-        if scope["method"] in BODY_METHODS and scope["path"].rstrip("/") != UPLOAD_PATH:
+        if scope["method"] in BODY_METHODS and not is_upload(scope):
             limit = settings.max_json_body_bytes
             length = headers.get(b"content-length")
             if length is not None:

@@ -1,5 +1,9 @@
 """The upload's multipart body, read as it arrives: never before the key is checked, never spooled.
 
+Used by `POST /v1/files` (the file part `file`, held to GROVE_MAX_UPLOAD_BYTES) and by an upload's parts,
+`POST /v1/uploads/{id}/parts` (the part `data`, held to GROVE_MAX_UPLOAD_PART_BYTES or what the upload's
+declared bytes leave, api/services/uploads.py); the rules below are the same for both.
+
 `POST /v1/files` declares no Form or File parameters, so no byte of its body is read before the route has
 checked the key. The route then reads the body itself (`request.stream()`) from a worker thread, counting the
 bytes as they arrive, and feeds them to python-multipart's streaming parser: the file part's bytes go straight
@@ -17,10 +21,13 @@ api/limits.py):
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 
 import anyio
 import anyio.from_thread
+from anyio import CapacityLimiter
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
@@ -38,12 +45,27 @@ BODY_IDLE_SECONDS = 60.0
 
 FieldCheck = Callable[[str], None]
 
+# An upload holds its thread while the body arrives, at the client's pace: uploads (files and upload parts) run
+# on threads of their own, so that slow ones never take the shared pool from the other routes. More wait their
+# turn, their bodies unread.
+UPLOAD_THREADS = 16
+_upload_threads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter] = weakref.WeakKeyDictionary()
 
-def upload_too_large(limit: int, whole_body: bool = False) -> PayloadTooLarge:
-    what, room = ("Request body", f" plus {MULTIPART_OVERHEAD} for the form") if whole_body else ("File", "")
-    return PayloadTooLarge(
-        f"{what} exceeds the upload limit of {limit} bytes (GROVE_MAX_UPLOAD_BYTES){room}.", param=FILE_FIELD
-    )
+
+def upload_limiter() -> CapacityLimiter:
+    # One per event loop (a test runs several, one after the other): a limiter's waiters belong to one loop.
+    loop = asyncio.get_running_loop()
+    if loop not in _upload_threads:
+        _upload_threads[loop] = CapacityLimiter(UPLOAD_THREADS)
+    return _upload_threads[loop]
+
+
+def upload_too_large(
+    limit: int, whole_body: bool = False, field: str = FILE_FIELD, limit_name: str = "GROVE_MAX_UPLOAD_BYTES"
+) -> PayloadTooLarge:
+    part = "File" if field == FILE_FIELD else f"Part {field!r}"
+    what, room = ("Request body", f" plus {MULTIPART_OVERHEAD} for the form") if whole_body else (part, "")
+    return PayloadTooLarge(f"{what} exceeds the upload limit of {limit} bytes ({limit_name}){room}.", param=field)
 
 
 def _decode(raw: bytes) -> str:
@@ -54,15 +76,16 @@ def _decode(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _invalid(reason: str) -> InvalidRequest:
-    return InvalidRequest(f"Invalid multipart body: {reason}.", param=FILE_FIELD)
+def _invalid(reason: str, field: str = FILE_FIELD) -> InvalidRequest:
+    return InvalidRequest(f"Invalid multipart body: {reason}.", param=field)
 
 
 class _Body:
     """The request body as it arrives (`request.stream()`), pulled from a worker thread."""
 
-    def __init__(self, request: Request):
+    def __init__(self, request: Request, field: str):
         self._stream = request.stream()
+        self._field = field
 
     async def _next(self) -> bytes | None:
         try:
@@ -72,11 +95,11 @@ class _Body:
             return None
         except TimeoutError:
             raise InvalidRequest(
-                f"The upload stalled: no bytes for {BODY_IDLE_SECONDS:g} s.", param=FILE_FIELD
+                f"The upload stalled: no bytes for {BODY_IDLE_SECONDS:g} s.", param=self._field
             ) from None
         except ClientDisconnect:
             raise InvalidRequest(
-                "The client closed the connection before the upload was complete.", param=FILE_FIELD
+                "The client closed the connection before the upload was complete.", param=self._field
             ) from None
 
     def chunks(self) -> Iterator[bytes]:
@@ -86,21 +109,34 @@ class _Body:
 
 
 class UploadForm:
-    """One file part named `file` and the small fields of `fields`, each checked by its function as soon as it
-    has arrived. Read in two steps, from a worker thread: `file_chunks()` yields the file's bytes (the fields
-    sent before it are read on the way), then `finish()` reads the rest and returns the fields."""
+    """One file part named `file_field` and the small fields of `fields`, each checked by its function as soon as
+    it has arrived. Read in two steps, from a worker thread: `file_chunks()` yields the file's bytes (the fields
+    sent before it are read on the way), then `finish()` reads the rest and returns the fields.
 
-    def __init__(self, request: Request, fields: Mapping[str, FieldCheck]):
+    The file part is held to `limit` bytes (default GROVE_MAX_UPLOAD_BYTES), named `limit_name` in the 413."""
+
+    def __init__(
+        self,
+        request: Request,
+        fields: Mapping[str, FieldCheck],
+        file_field: str = FILE_FIELD,
+        limit: int | None = None,
+        limit_name: str = "GROVE_MAX_UPLOAD_BYTES",
+    ):
         self._checks = fields
-        self._limit = get_settings().max_upload_bytes
+        self.file_field = file_field
+        self._limit = get_settings().max_upload_bytes if limit is None else limit
+        self._limit_name = limit_name
         content_type, options = parse_options_header(request.headers.get("content-type"))
         if content_type != b"multipart/form-data":
-            raise InvalidRequest("file: Field required (send the upload as multipart/form-data).", param=FILE_FIELD)
+            raise InvalidRequest(
+                f"{file_field}: Field required (send the upload as multipart/form-data).", param=file_field
+            )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self._limit + MULTIPART_OVERHEAD:
-            raise upload_too_large(self._limit, whole_body=True)
+            raise self._too_large(whole_body=True)
         if not options.get(b"boundary"):
-            raise _invalid("no boundary in the Content-Type")
+            raise self._invalid("no boundary in the Content-Type")
         callbacks = {
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field,
@@ -115,8 +151,8 @@ class UploadForm:
             # The parser bounds each part's headers (8, of 4 KiB each); the parts themselves are bounded here.
             self._parser = MultipartParser(options[b"boundary"], callbacks)
         except FormParserError as error:
-            raise _invalid(str(error)) from None
-        self._body = _Body(request).chunks()
+            raise self._invalid(str(error)) from None
+        self._body = _Body(request, file_field).chunks()
         self._received = 0
         self.filename: str | None = None
         self.fields: dict[str, str] = {}
@@ -127,18 +163,24 @@ class UploadForm:
         self._field_value = bytearray()
         self._header_name = self._header_text = self._disposition = b""
 
+    def _too_large(self, whole_body: bool = False) -> PayloadTooLarge:
+        return upload_too_large(self._limit, whole_body, self.file_field, self._limit_name)
+
+    def _invalid(self, reason: str) -> InvalidRequest:
+        return _invalid(reason, self.file_field)
+
     # --- reading ------------------------------------------------------------------------------
 
     def _feed(self, chunk: bytes) -> None:
         try:
             self._parser.write(chunk)
         except FormParserError as error:
-            raise _invalid(str(error)) from None
+            raise self._invalid(str(error)) from None
         # Counted once parsed, so that a file part over the limit is refused as such (the chunk is in memory
         # either way): what passes this limit outside the file is boundaries, headers or epilogue.
         self._received += len(chunk)
         if self._received > self._limit + MULTIPART_OVERHEAD:
-            raise upload_too_large(self._limit, whole_body=True)
+            raise self._too_large(whole_body=True)
 
     def file_chunks(self) -> Iterator[bytes]:
         """The file part's bytes as they arrive; returns when the part ends."""
@@ -151,15 +193,15 @@ class UploadForm:
             if self._file_done:
                 return
         if self._file_seen:
-            raise _invalid("the body ended inside the file part (a Content-Length shorter than the body?)")
-        raise InvalidRequest("file: Field required.", param=FILE_FIELD)
+            raise self._invalid("the body ended inside the file part (a Content-Length shorter than the body?)")
+        raise InvalidRequest(f"{self.file_field}: Field required.", param=self.file_field)
 
     def finish(self) -> dict[str, str]:
         """Read the rest of the body and return the fields, every one of `fields` present."""
         for chunk in self._body:
             self._feed(chunk)
         if not self._ended:
-            raise _invalid("the body ended before its closing boundary")
+            raise self._invalid("the body ended before its closing boundary")
         for name in self._checks:
             if name not in self.fields:
                 raise InvalidRequest(f"{name}: Field required.", param=name)
@@ -186,15 +228,15 @@ class UploadForm:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         if b"name" not in options:
-            raise _invalid('a part without a name in its Content-Disposition (form-data; name="...")')
+            raise self._invalid('a part without a name in its Content-Disposition (form-data; name="...")')
         name = _decode(options[b"name"])
-        if name == FILE_FIELD:
+        if name == self.file_field:
             if self._file_seen:
-                raise InvalidRequest("file: only one file part is accepted.", param=FILE_FIELD)
+                raise InvalidRequest(f"{name}: only one file part is accepted.", param=name)
             self._file_seen = True
             self.filename = _decode(options[b"filename"]) if b"filename" in options else None
         elif name not in self._checks:
-            accepted = ", ".join(repr(n) for n in (FILE_FIELD, *self._checks))
+            accepted = ", ".join(repr(n) for n in (self.file_field, *self._checks))
             shown = name[:MAX_NAME_SHOWN]  # a name is any header's length: not all of it is sent back
             raise InvalidRequest(f"{shown}: Unknown field (the upload takes {accepted}).", param=shown)
         elif name in self.fields:
@@ -202,10 +244,10 @@ class UploadForm:
         self._part_name = name
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._part_name == FILE_FIELD:
+        if self._part_name == self.file_field:
             self._file_bytes += end - start
             if self._file_bytes > self._limit:
-                raise upload_too_large(self._limit)
+                raise self._too_large()
             self._pending.append(data[start:end])
             return
         if len(self._field_value) + end - start > MAX_FIELD_BYTES:
@@ -213,7 +255,7 @@ class UploadForm:
         self._field_value += data[start:end]
 
     def _part_end(self) -> None:
-        if self._part_name == FILE_FIELD:
+        if self._part_name == self.file_field:
             self._file_done = True
         elif self._part_name is not None:
             value = _decode(bytes(self._field_value))

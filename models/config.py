@@ -32,6 +32,22 @@ class Settings(BaseSettings):
     model_store_dir: Path = Field(Path("var/models"), description="Base models, one directory per name.")
     work_dir: Path = Field(Path("var/work"), description="Worker scratch space (checkpoints, temp output).")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload; larger gets 413.")
+    max_upload_part_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="Largest part of a multipart upload (POST /v1/uploads/{id}/parts), OpenAI's 64 MB; larger: 413.",
+    )
+    max_multipart_upload_bytes: int = Field(
+        8 * 1024 * 1024 * 1024,
+        ge=1,
+        description="Largest file a multipart upload (POST /v1/uploads) may declare and assemble, OpenAI's 8 GB.",
+    )
+    upload_expiry_seconds: int = Field(
+        3600,
+        ge=1,
+        description="A multipart upload not completed this long after its creation expires (OpenAI's hour): the "
+        "reconciler deletes its parts.",
+    )
     min_examples: int = Field(10, description="Fewest examples a training or validation file may hold.")
     max_example_chars: int = Field(
         1_000_000,

@@ -23,7 +23,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -160,7 +160,13 @@ class LocalStorage(Storage):
         os.replace(staged.temp_path, final)
 
     def delete(self, key: str) -> None:
-        self.path_of(key).unlink(missing_ok=True)
+        path = self.path_of(key)
+        path.unlink(missing_ok=True)
+        # A folder below a project's (an upload's parts, models/upload.py) goes with its last object; a project's
+        # own folder stays, so that a file being stored beside it never finds its folder gone.
+        if path.parent.parent != self.objects:
+            with suppress(OSError):  # not empty yet, or already gone
+                path.parent.rmdir()
 
     def fetch(self, key: str, directory: Path) -> Path:
         path = self.path_of(key)

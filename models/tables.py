@@ -5,6 +5,7 @@ from models.file import File
 from models.idempotency import IdempotencyKey
 from models.job import Checkpoint, Job, JobEvent
 from models.project import ApiKey, Project
+from models.upload import Upload, UploadPart
 from models.webhook import WebhookDelivery, WebhookEndpoint, WebhookEvent
 from models.worker_heartbeat import WorkerHeartbeat
 
@@ -17,6 +18,8 @@ __all__ = [
     "Job",
     "JobEvent",
     "Project",
+    "Upload",
+    "UploadPart",
     "WebhookDelivery",
     "WebhookEndpoint",
     "WebhookEvent",

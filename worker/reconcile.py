@@ -7,6 +7,7 @@
   unless its workers died `max_attempts` times: such a job (one that runs its worker out of memory,
   say) fails with `worker_lost`. A cancelling one whose worker died is simply cancelled.
 - Sweeps hold no worker and are never published: each pass advances them (worker/sweep.py).
+- A multipart upload past its expires_at and never completed expires, and its parts' bytes are deleted.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from models.job_status import JobStatus
 from models.queue import publish_job
 from models.storage import get_storage
 from models.transitions import switch_job_status
+from models.upload import expire_uploads
 from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,15 @@ log = logging.getLogger(__name__)
 def reconcile_once() -> dict[str, int]:
     settings = get_settings()
     now = utcnow()
-    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "republished": 0, "sweeps": 0, "temp_files": 0}
+    counts = {
+        "requeued": 0,
+        "failed": 0,
+        "cancelled": 0,
+        "republished": 0,
+        "sweeps": 0,
+        "temp_files": 0,
+        "expired_uploads": 0,
+    }
     with session_scope() as session:
         expired = session.execute(
             select(Job.id, Job.status, Job.attempts, Job.step).where(
@@ -74,6 +84,9 @@ def reconcile_once() -> dict[str, int]:
         except Exception:
             log.exception("re-publishing %s failed; will retry", job_id)
             break
+    # Multipart uploads never completed: expired, their parts' bytes deleted once that has committed.
+    with session_scope() as session:
+        counts["expired_uploads"] = expire_uploads(session)
     # Staged uploads and artifacts of a process killed mid-write (an hour old: none still being written).
     try:
         counts["temp_files"] = get_storage().sweep_temp()

@@ -1,11 +1,8 @@
 from __future__ import annotations
 
-import asyncio
-import weakref
 from typing import Annotated
 
 import anyio.to_thread
-from anyio import CapacityLimiter
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
@@ -15,7 +12,8 @@ from api.schemas.common import ListObject
 from api.schemas.files import FileDeleted, FileObject
 from api.services import files as file_service
 from api.services import idempotency
-from api.upload_form import UploadForm
+from api.services.pagination import ListOrder
+from api.upload_form import UploadForm, upload_limiter
 from models.db import session_scope
 from models.project import Project
 
@@ -48,27 +46,13 @@ UPLOAD_REQUEST_BODY = {
 }
 
 
-# An upload holds its thread while the body arrives, at the client's pace: uploads run on threads of their own,
-# so that slow ones never take the shared pool from the other routes. More wait their turn, their bodies unread.
-UPLOAD_THREADS = 16
-_upload_threads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter] = weakref.WeakKeyDictionary()
-
-
-def _upload_limiter() -> CapacityLimiter:
-    # One per event loop (a test runs several, one after the other): a limiter's waiters belong to one loop.
-    loop = asyncio.get_running_loop()
-    if loop not in _upload_threads:
-        _upload_threads[loop] = CapacityLimiter(UPLOAD_THREADS)
-    return _upload_threads[loop]
-
-
 @router.post("", response_model=FileObject, openapi_extra={"requestBody": UPLOAD_REQUEST_BODY})
 async def upload_file(request: Request, read: ProjectReadDep) -> FileObject:
     # The key is checked (in a read session of its own, closed at once) before a byte of the body is read.
     project = await read(lambda _session, project: project)
     form = UploadForm(request, fields=file_service.UPLOAD_FIELDS)
     idempotency_key = request.headers.get(idempotency.HEADER)
-    return await anyio.to_thread.run_sync(_store_upload, project, form, idempotency_key, limiter=_upload_limiter())
+    return await anyio.to_thread.run_sync(_store_upload, project, form, idempotency_key, limiter=upload_limiter())
 
 
 def _store_upload(project: Project, form: UploadForm, idempotency_key: str | None) -> FileObject:
@@ -81,11 +65,14 @@ def _store_upload(project: Project, form: UploadForm, idempotency_key: str | Non
 async def list_files(
     read: ProjectReadDep,
     after: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=10000)] = 100,
-    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000, description="Files per page, 1 to 10,000.")] = 100,
+    order: Annotated[
+        ListOrder, Query(description="By creation time: desc (newest first, the default) or asc.")
+    ] = "desc",
+    purpose: Annotated[str | None, Query(description="Only files with this purpose.")] = None,
 ) -> ListObject[FileObject]:
     def run(session, project):
-        rows, has_more = file_service.list_files(session, project, after, limit, purpose)
+        rows, has_more = file_service.list_files(session, project, after, limit, purpose, order)
         return ListObject.of([FileObject.from_row(r) for r in rows], has_more)
 
     return await read(run)

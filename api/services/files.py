@@ -6,7 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.services import idempotency
-from api.services.pagination import page
+from api.services.pagination import ListOrder, page
 from api.upload_form import UploadForm
 from models.config import get_settings
 from models.datasets import DatasetSummary, validate_jsonl
@@ -22,7 +22,7 @@ from models.storage import delete_after_commit, get_storage
 UPLOAD_PURPOSES = {"fine-tune"}
 
 
-def _clean_filename(name: str | None) -> str:
+def clean_filename(name: str | None) -> str:
     # A display name only, never a path (the content's key is the server's): the last path component, without
     # control characters, and never "." or "..".
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
@@ -47,7 +47,7 @@ def upload(session: Session, project: Project, form: UploadForm, idempotency_key
     staged = storage.stage_chunks(form.file_chunks(), max_bytes=settings.max_upload_bytes)
     try:
         purpose = form.finish()["purpose"]
-        name = _clean_filename(form.filename)
+        name = clean_filename(form.filename)
         claim = idempotency.begin(
             session, project, idempotency_key, idempotency.fingerprint("files", purpose, name, staged.sha256), "file"
         )
@@ -83,12 +83,19 @@ def get(session: Session, project: Project, file_id: str) -> File:
 
 
 def list_files(
-    session: Session, project: Project, after: str | None, limit: int, purpose: str | None
+    session: Session,
+    project: Project,
+    after: str | None,
+    limit: int,
+    purpose: str | None,
+    order: ListOrder = "desc",
 ) -> tuple[list[File], bool]:
+    """The project's files by creation time (ids are time-ordered), newest first unless `order` is asc; `after`
+    continues the list in the same order."""
     stmt = select(File).where(File.project_id == project.id)
     if purpose:
         stmt = stmt.where(File.purpose == purpose)
-    return page(session, stmt, File.id, after, limit)
+    return page(session, stmt, File.id, after, limit, order)
 
 
 def delete(session: Session, project: Project, file_id: str) -> None:

@@ -67,6 +67,15 @@ def test_cursor_pagination(client, auth):
     last = client.get(f"/v1/files?limit=2&after={second['last_id']}", headers=auth).json()
     assert [f["id"] for f in last["data"]] == ids[:1] and last["has_more"] is False
 
+    # Oldest first: `after` continues forward.
+    first = client.get("/v1/files?limit=3&order=asc", headers=auth).json()
+    assert [f["id"] for f in first["data"]] == ids[:3] and first["has_more"] is True
+    rest = client.get(f"/v1/files?limit=3&order=asc&after={first['last_id']}", headers=auth).json()
+    assert [f["id"] for f in rest["data"]] == ids[3:] and rest["has_more"] is False
+    assert client.get("/v1/files?order=desc", headers=auth).json()["data"][0]["id"] == ids[-1]
+    refused = client.get("/v1/files?order=random", headers=auth)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "order"
+
 
 def test_fields_format_records_common_keys(client, auth):
     rows = emotion_rows(10)

@@ -112,6 +112,10 @@ def fuzz_target(database, tiny_model, webhook_receiver):
                 {"name": "fuzz", "url": webhook_receiver, "event_types": ["fine_tuning.job.succeeded"]},
             ),
             "model_id": "tiny-llama-test",
+            "upload_id": create(
+                "/v1/uploads",
+                {"bytes": 4096, "filename": "d.jsonl", "mime_type": "application/jsonl", "purpose": "fine-tune"},
+            ),
         }
         admin_auth = {"Authorization": f"Bearer {admin}"}
         keys = http.get("/v1/admin/keys?limit=1000", headers=admin_auth).json()["data"]

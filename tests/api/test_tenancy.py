@@ -45,6 +45,7 @@ PATH_PARAMS = {
     "evaluation_id": "evaluation",
     "sweep_id": "sweep",
     "webhook_endpoint_id": "webhook_endpoint",
+    "upload_id": "upload",
     "model_id": SHARED,
 }
 # Path parameters of admin routes (keys belong to no tenant; only admin keys reach them).
@@ -68,6 +69,7 @@ def creates(ids: dict[str, str]) -> dict[str, list[dict]]:
     pc = {"model": "tiny-llama-test", "training_file": ids["training_file"], "text_template": TEMPLATE}
     return {
         "/v1/files": [],
+        "/v1/uploads": [],
         "/v1/webhook_endpoints": [],
         "/v1/fine_tuning/jobs": [
             pc,
@@ -100,6 +102,7 @@ def bodies(ids: dict[str, str]) -> dict[tuple[str, str], dict]:
         ("POST", "/v1/webhook_endpoints/{webhook_endpoint_id}/rotate_secret"): {},
         ("POST", "/v1/webhook_endpoints/{webhook_endpoint_id}/test"): {"event_type": "fine_tuning.job.succeeded"},
         ("POST", "/v1/admin/keys"): {"project": "anything"},
+        ("POST", "/v1/uploads/{upload_id}/complete"): {"part_ids": [ids["upload_part"]]},
     }
 
 
@@ -215,6 +218,13 @@ def owner(app):
             "/v1/webhook_endpoints",
             {"name": "owner", "url": "http://127.0.0.1:9/hook", "event_types": ["fine_tuning.job.cancelled"]},
         )
+        # A pending multipart upload holding one part: the whole of a valid dataset.
+        part = "".join(json.dumps(r) + "\n" for r in emotion_rows(12)).encode()
+        body = {"bytes": len(part), "filename": "big.jsonl", "mime_type": "application/jsonl", "purpose": "fine-tune"}
+        ids["upload"] = create("/v1/uploads", body)
+        response = client.post(f"/v1/uploads/{ids['upload']}/parts", headers=o.auth, files={"data": ("p", part)})
+        assert response.status_code == 200, response.text
+        ids["upload_part"] = response.json()["id"]
         with session_scope() as session:
             checkpoint = Checkpoint(job_id=ids["fine_tune"], step=1, metrics={}, file_id=ids["training_file"])
             session.add(checkpoint)
@@ -246,7 +256,9 @@ def _call(client, method: str, path: str, headers: dict, body: dict | None = Non
 
 def test_every_route_is_mapped(app):
     """Fails for any route that would escape the tests below: add it to the tables at the top of this module."""
-    placeholder = {k: k for k in ("training_file", "validation_file", "other_file", "fine_tune", "checkpoint")}
+    placeholder = {
+        k: k for k in ("training_file", "validation_file", "other_file", "fine_tune", "checkpoint", "upload_part")
+    }
     create_paths = set(creates(placeholder | {"export": "e"}))
     body_routes = set(bodies(placeholder))
     routes = app_routes(app)
@@ -317,6 +329,11 @@ def test_the_owner_still_has_everything(owner, app):
         assert owner.get(path).json()["status"] == "queued", path
     endpoint = owner.get(f"/v1/webhook_endpoints/{ids['webhook_endpoint']}").json()
     assert endpoint["name"] == "owner"
+    # The upload was neither cancelled nor completed by the other project, and its part is still there.
+    done = owner.client.post(
+        f"/v1/uploads/{ids['upload']}/complete", headers=owner.auth, json={"part_ids": [ids["upload_part"]]}
+    )
+    assert done.status_code == 200 and done.json()["status"] == "completed", done.text
 
 
 def test_lists_never_show_another_projects_objects(owner, app):

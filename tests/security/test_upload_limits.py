@@ -181,10 +181,12 @@ def _closed_by_server(sock: socket.socket) -> bool:
 WAIT_FOR_ANSWER: bytes = object()  # type: ignore[assignment]  # told apart by identity
 
 
-def send(server: Server, key: str | None, head_lines: list[str], body: Iterator[bytes]) -> Answer:
+def send(
+    server: Server, key: str | None, head_lines: list[str], body: Iterator[bytes], path: str = "/v1/files"
+) -> Answer:
     """Send the head, then the body piece by piece until the server answers or the body has all been sent."""
     auth = [f"Authorization: Bearer {key}"] if key else []
-    head = "\r\n".join(["POST /v1/files HTTP/1.1", f"Host: 127.0.0.1:{server.stack.port}", *auth, *head_lines])
+    head = "\r\n".join([f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{server.stack.port}", *auth, *head_lines])
     sock = socket.create_connection(("127.0.0.1", server.stack.port), timeout=10)
     try:
         sock.sendall(head.encode() + b"\r\n\r\n")

@@ -69,7 +69,15 @@ def test_finished_job_is_never_run_again(job_id):
     assert events(job_id)[-1] == "cancelled"
 
 
-NOTHING_DONE = {"requeued": 0, "failed": 0, "cancelled": 0, "republished": 0, "sweeps": 0, "temp_files": 0}
+NOTHING_DONE = {
+    "requeued": 0,
+    "failed": 0,
+    "cancelled": 0,
+    "republished": 0,
+    "sweeps": 0,
+    "temp_files": 0,
+    "expired_uploads": 0,
+}
 
 
 @pytest.mark.usefixtures("own_database")
