@@ -13,6 +13,7 @@ from api.limits import CloseUnreadUploads, RequestLimits
 from api.observability import RequestObservability
 from api.query import refuse_unknown_query
 from api.routes import (
+    checkpoint_permissions,
     evaluations,
     exports,
     files,
@@ -59,7 +60,8 @@ def create_app() -> FastAPI:
         dependencies=[Depends(refuse_unknown_query)],
     )
     install_error_handlers(app)
-    for module in (health, files, fine_tuning, models, exports, evaluations, sweeps, webhooks, keys, metrics, page):
+    routers = (health, files, fine_tuning, checkpoint_permissions, models, exports, evaluations, sweeps, webhooks, keys)
+    for module in (*routers, metrics, page):
         app.include_router(module.router)
     app.add_middleware(CloseUnreadUploads)  # an upload answered before its body was read (api/limits.py)
     app.add_middleware(RequestLimits)  # JSON body size and the per-key rate limit (api/limits.py)
