@@ -379,7 +379,7 @@ def test_a_grantee_fine_tunes_from_evaluates_and_exports_a_shared_checkpoint(liv
     grantee_key = live.new_key()
     grantee = sdk(live.base_url, grantee_key)
     headers = {"Authorization": f"Bearer {grantee_key}"}
-    training = _upload_live(grantee, tmp_path, emotion_rows(8, offset=500), "mine.jsonl")
+    training = _upload_live(grantee, tmp_path, emotion_rows(12, offset=500), "mine.jsonl")
     permission = (
         sdk(live.base_url, owner_key)
         .fine_tuning.checkpoints.permissions.create(
