@@ -13,6 +13,7 @@ from api.limits import CloseUnreadUploads, RequestLimits
 from api.observability import RequestObservability
 from api.query import refuse_unknown_query
 from api.routes import (
+    checkpoint_permissions,
     evaluations,
     exports,
     files,
@@ -60,8 +61,8 @@ def create_app() -> FastAPI:
         dependencies=[Depends(refuse_unknown_query)],
     )
     install_error_handlers(app)
-    routers = (health, files, uploads, fine_tuning, models, exports, evaluations, sweeps, webhooks, keys, metrics, page)
-    for module in routers:
+    routers = (health, files, uploads, fine_tuning, checkpoint_permissions, models, exports, evaluations, sweeps)
+    for module in (*routers, webhooks, keys, metrics, page):
         app.include_router(module.router)
     app.add_middleware(CloseUnreadUploads)  # an upload answered before its body was read (api/limits.py)
     app.add_middleware(RequestLimits)  # JSON body size and the per-key rate limit (api/limits.py)

@@ -115,8 +115,15 @@ def get_admin_key(request: Request, session: SessionDep) -> Caller:
     return caller
 
 
+def get_caller(request: Request, session: SessionDep) -> Caller:
+    """Any valid key, project or admin: for the few routes both reach (checkpoint permissions), which decide
+    what each may do from `Caller.project`."""
+    return _caller(request, session)
+
+
 ProjectDep = Annotated[Project, Depends(get_project)]
 AdminDep = Annotated[Caller, Depends(get_admin_key)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
 T = TypeVar("T")
@@ -178,5 +185,11 @@ async def admin_read(request: Request) -> Read[Caller]:
     return Read(request, get_admin_key)
 
 
+async def caller_read(request: Request) -> Read[Caller]:
+    bearer_key(request)
+    return Read(request, _caller)
+
+
 ProjectReadDep = Annotated[Read[Project], Depends(project_read)]
 AdminReadDep = Annotated[Read[Caller], Depends(admin_read)]
+CallerReadDep = Annotated[Read[Caller], Depends(caller_read)]

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from jobs import lifecycle
+from jobs import checkpoints, lifecycle
 from jobs.evaluation_data import label_set, read_items
 from jobs.evaluation_spec import CreateEvaluation, EvaluationSettings, EvaluationSpec, Target, TargetRequest
 from models.config import get_settings
@@ -85,15 +85,11 @@ def _succeeded_job(session: Session, project: Project, job_id: str, kind: JobKin
 
 
 def _shorthand(session: Session, project: Project, value: str) -> TargetRequest:
-    if value.startswith("ftckpt-"):
-        checkpoint = session.scalar(
-            select(Checkpoint)
-            .join(Job, Job.id == Checkpoint.job_id)
-            .where(Checkpoint.id == value, Job.project_id == project.id)
-        )
-        if checkpoint is None:
+    if value.startswith("ftckpt-") or f":{checkpoints.STEP_PREFIX}" in value:
+        found = checkpoints.find(session, value, project.id)
+        if found is None:
             raise _not_found("checkpoint", value, "targets")
-        return TargetRequest(fine_tuning_job=checkpoint.job_id, checkpoint=value)
+        return TargetRequest(fine_tuning_job=found[0].job_id, checkpoint=found[0].id)
     kind = session.scalar(select(Job.kind).where(Job.id == value, Job.project_id == project.id))
     if kind == JobKind.fine_tune:
         return TargetRequest(fine_tuning_job=value)
@@ -124,14 +120,27 @@ def _parse_target(session: Session, project: Project, raw, param: str) -> Target
 
 
 def _checkpoint(session: Session, job: Job, wanted: str | int, param: str) -> Checkpoint:
-    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id)
-    stmt = stmt.where(Checkpoint.step == wanted) if isinstance(wanted, int) else stmt.where(Checkpoint.id == wanted)
-    checkpoint = session.scalar(stmt)
-    if checkpoint is None:
+    found = checkpoints.find(session, wanted, job.project_id, job_id=job.id, shared=False)
+    if found is None:
         raise _not_found(f"checkpoint of {job.id}", str(wanted), param)
+    checkpoint = found[0]
     if checkpoint.file_id is None:
         raise InvalidRequest(f"Checkpoint {checkpoint.id} has no published adapter.", param=param)
     return checkpoint
+
+
+def _shared_checkpoint_target(request: TargetRequest, checkpoint: Checkpoint, job: Job, param: str) -> Target:
+    if checkpoint.file_id is None:
+        raise InvalidRequest(f"Checkpoint {checkpoint.id} has no published adapter.", param=param)
+    return Target(
+        type="fine_tuning_job",
+        name=request.name or f"{job.id}:step-{checkpoint.step}",
+        model=resolve_model(job.model, param=param).name,
+        job_id=job.id,
+        checkpoint_id=checkpoint.id,
+        step=checkpoint.step,
+        file_id=checkpoint.file_id,
+    )
 
 
 def resolve_target(session: Session, project: Project, raw, index: int) -> Target:
@@ -149,6 +158,15 @@ def resolve_target(session: Session, project: Project, raw, index: int) -> Targe
                 ) from None
             raise
         return Target(type="model", name=request.name or base.name, model=base.name)
+
+    if request.fine_tuning_job is not None and request.checkpoint is not None:
+        # Another project's checkpoint shared with this one: only that checkpoint is reachable, not its job.
+        owned = session.scalar(select(Job.id).where(Job.id == request.fine_tuning_job, Job.project_id == project.id))
+        if owned is None:
+            shared = checkpoints.find(session, request.checkpoint, project.id, job_id=request.fine_tuning_job)
+            if shared is None:
+                raise _not_found(JobKind.fine_tune.label, request.fine_tuning_job, param)
+            return _shared_checkpoint_target(request, *shared, f"{param}.checkpoint")
 
     if request.fine_tuning_job is not None:
         job = _succeeded_job(session, project, request.fine_tuning_job, JobKind.fine_tune, param)

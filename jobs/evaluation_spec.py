@@ -195,7 +195,9 @@ class TargetRequest(BaseModel):
     model: str | None = Field(None, description="A base model from GET /v1/models.")
     fine_tuning_job: str | None = Field(None, description="A succeeded fine-tuning job: its adapter.")
     checkpoint: str | int | None = Field(
-        None, description="With fine_tuning_job: a checkpoint id (ftckpt-...) or step number instead of the result."
+        None,
+        description="With fine_tuning_job: a checkpoint id (ftckpt-...), its fine_tuned_model_checkpoint name or "
+        "a step number, instead of the result. Another project's checkpoint shared with this one needs it.",
     )
     export_job: str | None = Field(None, description="A succeeded export job: its ONNX package.")
     adapter: str | None = Field(None, description="With export_job: the adapter of a multi-adapter package, by name.")

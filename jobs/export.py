@@ -19,7 +19,7 @@ import tarfile
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from jobs import lifecycle
+from jobs import checkpoints, lifecycle
 from jobs.export_spec import (
     ADAPTER_NAME,
     GATE_DEFAULTS,
@@ -35,7 +35,7 @@ from jobs.export_spec import (
 )
 from models.errors import InvalidRequest, NotFound
 from models.file import File
-from models.job import Checkpoint, Job
+from models.job import Job
 from models.job_kind import JobKind
 from models.job_status import JobStatus
 from models.model_store import resolve_model
@@ -101,24 +101,32 @@ def _target_modules(config: dict) -> list[str]:
 def resolve_adapter(
     session: Session, project_id: str, source: AdapterSource, param: str
 ) -> tuple[ResolvedAdapter, Job]:
-    """Find the job (404 if not this project's) and its adapter archive; read rank and target modules."""
+    """Find the job (404 if not this project's) and its adapter archive; read rank and target modules.
+
+    Another project's job is reachable only through one of its checkpoints shared with this project: then that
+    checkpoint's archive is used, and nothing else of the job (its suffix names no adapter here)."""
     job = session.scalar(
         select(Job).where(Job.id == source.fine_tuning_job, Job.project_id == project_id, Job.kind == JobKind.fine_tune)
     )
+    shared = False
+    if job is None and source.checkpoint is not None:
+        found = checkpoints.find(session, source.checkpoint, project_id, job_id=source.fine_tuning_job)
+        if found is not None:
+            job, shared = found[1], True
     if job is None:
         raise NotFound("fine-tuning job", source.fine_tuning_job, param=f"{param}.fine_tuning_job")
     step = job.step or None
+    checkpoint_id = None
     if source.checkpoint is not None:
-        checkpoint = session.scalar(
-            select(Checkpoint).where(Checkpoint.id == source.checkpoint, Checkpoint.job_id == job.id)
-        )
-        if checkpoint is None:
+        found = checkpoints.find(session, source.checkpoint, project_id, job_id=job.id)
+        if found is None:
             raise NotFound("checkpoint", source.checkpoint, param=f"{param}.checkpoint")
+        checkpoint = found[0]
         if checkpoint.file_id is None:
             raise InvalidRequest(
                 f"Checkpoint {checkpoint.id} of {job.id} has no published adapter.", param=f"{param}.checkpoint"
             )
-        file_id, step = checkpoint.file_id, checkpoint.step
+        file_id, step, checkpoint_id = checkpoint.file_id, checkpoint.step, checkpoint.id
     else:
         if job.status != JobStatus.succeeded or not job.result_files:
             raise InvalidRequest(
@@ -128,7 +136,9 @@ def resolve_adapter(
                 code="job_not_succeeded",
             )
         file_id = job.result_files[0]
-    file = session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
+    # A shared checkpoint's archive is the owner's file: the checkpoint row vouches for it.
+    owner = job.project_id if shared else project_id
+    file = session.scalar(select(File).where(File.id == file_id, File.project_id == owner))
     if file is None:
         raise InvalidRequest(
             f"The adapter file {file_id} of {job.id} was deleted.",
@@ -143,7 +153,7 @@ def resolve_adapter(
         )
     name = source.name
     if name is None:
-        name = job.suffix or job.id
+        name = job.id if shared else (job.suffix or job.id)
         if source.checkpoint is not None:
             name = f"{name}-step-{step}"
     if not ADAPTER_NAME.match(name):
@@ -153,7 +163,7 @@ def resolve_adapter(
     resolved = ResolvedAdapter(
         name=name,
         fine_tuning_job=job.id,
-        checkpoint=source.checkpoint,
+        checkpoint=checkpoint_id,
         step=step,
         file_id=file.id,
         rank=int(config["r"]),

@@ -134,7 +134,9 @@ class AdapterSource(BaseModel):
 
     fine_tuning_job: str = Field(description="Id of a succeeded fine-tuning job of this project.")
     checkpoint: str | None = Field(
-        None, description="Id of one of the job's checkpoints (ftckpt-...) to export instead of its final adapter."
+        None,
+        description="One of the job's checkpoints, its id (ftckpt-...) or fine_tuned_model_checkpoint name, to "
+        "export instead of its final adapter. Another project's checkpoint shared with this one needs it.",
     )
     name: str | None = Field(
         None,

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from jobs import evaluation, lifecycle
+from jobs import checkpoints, evaluation, lifecycle
 from jobs.export import check_chained_export
 from jobs.fine_tune_spec import (
     COMPLETION_MARKER,
@@ -29,7 +29,7 @@ from models.config import get_settings
 from models.datasets import DatasetSummary, check_template_against
 from models.errors import InvalidRequest
 from models.file import File
-from models.job import Checkpoint, Job
+from models.job import Job
 from models.job_kind import JobKind
 from models.job_status import JobStatus
 from models.model_store import resolve_model
@@ -93,23 +93,22 @@ def _check_modules(names: list[str], modules: dict[str, int], param: str, adapta
             )
 
 
-def _continued_from(session: Session, project: Project, request: CreateFineTuningJob, model: str) -> dict | None:
-    """The spec of the job whose adapter this one continues (from_job, or from_checkpoint's job)."""
+def _continued_from(
+    session: Session, project: Project, request: CreateFineTuningJob, model: str
+) -> tuple[dict, str | None] | None:
+    """The spec of the job whose adapter this one continues (from_job, or from_checkpoint's job), and the id of
+    the checkpoint (None for from_job). from_checkpoint may name a checkpoint shared with this project."""
     if request.from_job and request.from_checkpoint:
         raise InvalidRequest("Give from_job or from_checkpoint, not both.", param="from_checkpoint")
+    checkpoint_id = None
     if request.from_checkpoint:
-        found = session.execute(
-            select(Checkpoint, Job)
-            .join(Job, Job.id == Checkpoint.job_id)
-            .where(
-                Checkpoint.id == request.from_checkpoint, Job.project_id == project.id, Job.kind == JobKind.fine_tune
-            )
-        ).first()
+        found = checkpoints.find(session, request.from_checkpoint, project.id)
         if found is None or found[0].file_id is None:
             raise InvalidRequest(
                 f"No checkpoint found with id {request.from_checkpoint!r}.", param="from_checkpoint", code="not_found"
             )
-        source, param = found[1], "from_checkpoint"
+        (checkpoint, source), param = found, "from_checkpoint"
+        checkpoint_id = checkpoint.id
     elif request.from_job:
         source = session.scalar(
             select(Job).where(Job.id == request.from_job, Job.project_id == project.id, Job.kind == JobKind.fine_tune)
@@ -128,7 +127,7 @@ def _continued_from(session: Session, project: Project, request: CreateFineTunin
         raise InvalidRequest(
             f"{param} trained {source.model}, not {model}: an adapter continues on its own base model.", param=param
         )
-    return source.spec
+    return source.spec, checkpoint_id
 
 
 def _check_adapter(request: CreateFineTuningJob, source: dict | None, base) -> AdapterConfig:
@@ -203,7 +202,8 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
         validation = lifecycle.dataset_file(session, project.id, request.validation_file, "validation_file")
         _check_template(request, validation, "validation_file")
 
-    source = _continued_from(session, project, request, base.name)
+    continued = _continued_from(session, project, request, base.name)
+    source = continued[0] if continued else None
     adapter = _check_adapter(request, source, base)
     _check_options(request, validation)
     options = request.model_dump(include=set(TrainingOptions.model_fields) - {"adapter", "max_seq_len"})
@@ -218,6 +218,8 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
         "export": check_chained_export(request.export, adapter),
         "evaluation": evaluation.check_follow_up(request.evaluation, validation, request.text_template),
     }
+    if continued and continued[1]:
+        spec_fields["from_checkpoint"] = continued[1]  # the id, whichever name the request gave
     # As OpenAI does: an omitted seed is drawn, and recorded, so the job can be rerun exactly.
     spec_fields["seed"] = request.seed if request.seed is not None else draw_seed()
     if request.max_seq_len is not None:

@@ -134,7 +134,9 @@ class TrainingOptions(BaseModel):
         None, description="Continue from the adapter of this succeeded fine-tuning job (same base model)."
     )
     from_checkpoint: str | None = Field(
-        None, description="Continue from this checkpoint (ftckpt-...) of an earlier job (same base model)."
+        None,
+        description="Continue from this checkpoint of an earlier job (same base model): its id (ftckpt-...) or "
+        "its fine_tuned_model_checkpoint name; one of this project's, or one shared with it. Stored as the id.",
     )
     early_stopping_patience: int | None = Field(
         None,

@@ -1,6 +1,7 @@
 """Imports every table so that Base.metadata is complete (alembic env and tests import this)."""
 
 from models.base import Base
+from models.checkpoint_permission import CheckpointPermission
 from models.file import File
 from models.idempotency import IdempotencyKey
 from models.job import Checkpoint, Job, JobEvent
@@ -13,6 +14,7 @@ __all__ = [
     "ApiKey",
     "Base",
     "Checkpoint",
+    "CheckpointPermission",
     "File",
     "IdempotencyKey",
     "Job",

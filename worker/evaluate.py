@@ -40,21 +40,23 @@ from worker.evaluate_steps import Progress, TargetResult, build_report, job_summ
 from worker.lease import Lease
 from worker.stage_kit import (
     Stopped,
+    adapter_file,
     classify_failure,
     confirm_cancelled,
     finish,
     load_job,
-    project_file,
     write_under_lease,
 )
 
 log = logging.getLogger(__name__)
 
 
-def _file_key(session, project_id: str, file_id: str | None, what: str, param: str) -> str | None:
+def _file_key(
+    session, project_id: str, file_id: str | None, what: str, param: str, checkpoint_id: str | None = None
+) -> str | None:
     if file_id is None:
         return None
-    file = project_file(session, project_id, file_id)
+    file = adapter_file(session, project_id, file_id, checkpoint_id)
     if file is None:
         raise InvalidRequest(f"The {what} {file_id} was deleted before the evaluation ran.", param=param)
     return file.storage_key
@@ -67,7 +69,9 @@ def run(job_id: str, lease: Lease) -> None:
         archives: list[str | None | Exception] = []
         for i, target in enumerate(spec.targets):
             try:
-                archives.append(_file_key(session, job.project_id, target.file_id, "archive", f"targets[{i}]"))
+                archives.append(
+                    _file_key(session, job.project_id, target.file_id, "archive", f"targets[{i}]", target.checkpoint_id)
+                )
             except InvalidRequest as exc:
                 archives.append(exc)
 

@@ -62,11 +62,11 @@ from worker.lease import Lease
 from worker.stage_kit import (
     StageProgress,
     Stopped,
+    adapter_file,
     confirm_cancelled,
     fail,
     finish,
     load_job,
-    project_file,
     system_error,
     write_under_lease,
 )
@@ -92,8 +92,8 @@ class Progress(StageProgress):
             add_event(session, self.job_id, "warning" if level == "warn" else "info", message, data, level=level)
 
 
-def _stored_key(session, project_id: str, file_id: str, what: str) -> str:
-    file = project_file(session, project_id, file_id)
+def _stored_key(session, project_id: str, file_id: str, what: str, checkpoint_id: str | None = None) -> str:
+    file = adapter_file(session, project_id, file_id, checkpoint_id)
     if file is None:
         raise InvalidRequest(f"The {what} file {file_id} was deleted before the export ran.", code="file_not_found")
     return file.storage_key
@@ -110,7 +110,9 @@ def _unpack(archive: Path, destination: Path) -> Path:
 def run(job_id: str, lease: Lease) -> None:
     with session_scope() as session:
         job, spec = load_job(session, job_id, ExportSpec)
-        archives = {a.name: _stored_key(session, job.project_id, a.file_id, "adapter") for a in spec.adapters}
+        archives = {
+            a.name: _stored_key(session, job.project_id, a.file_id, "adapter", a.checkpoint) for a in spec.adapters
+        }
     base = resolve_model(spec.model, param="source.model")
     work_dir = get_settings().work_dir.resolve() / job.id
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -17,7 +17,7 @@ from models.file import File
 from models.job import Checkpoint, Job
 from worker.archives import pack_tar
 from worker.checkpoints import copy_weights
-from worker.stage_kit import project_file
+from worker.stage_kit import adapter_file, project_file
 
 # The first six are the original columns; later ones were added after them.
 METRIC_COLUMNS = [
@@ -61,18 +61,16 @@ def dataset_file(session, job: Job, file_id: str | None, param: str) -> tuple[st
 def init_archive(session, job: Job, spec: FineTuneSpec) -> str | None:
     """The storage key of the adapter archive a job continues from (from_job's result or from_checkpoint's file)."""
     if spec.from_checkpoint:
-        checkpoint = session.scalar(
-            select(Checkpoint)
-            .join(Job, Job.id == Checkpoint.job_id)
-            .where(Checkpoint.id == spec.from_checkpoint, Job.project_id == job.project_id)
-        )
+        # Possibly another project's checkpoint, shared with this one: adapter_file reaches its archive only.
+        checkpoint = session.get(Checkpoint, spec.from_checkpoint)
         file_id, param = (checkpoint.file_id if checkpoint else None), "from_checkpoint"
+        file = adapter_file(session, job.project_id, file_id, spec.from_checkpoint) if file_id else None
     elif spec.from_job:
         source = session.scalar(select(Job).where(Job.id == spec.from_job, Job.project_id == job.project_id))
         file_id, param = (source.result_files[0] if source and source.result_files else None), "from_job"
+        file = session.get(File, file_id) if file_id else None
     else:
         return None
-    file = session.get(File, file_id) if file_id else None
     if file is None:
         raise InvalidRequest(
             f"The adapter of {param}={getattr(spec, param)} was deleted before the job ran.",

@@ -24,7 +24,7 @@ from models.base import utcnow
 from models.db import session_scope
 from models.errors import GroveError
 from models.file import File
-from models.job import Job
+from models.job import Checkpoint, Job
 from models.job_status import JobStatus
 from models.transitions import switch_job_status
 from worker.lease import Lease
@@ -42,6 +42,21 @@ def load_job(session: Session, job_id: str, spec_type: type[SpecT]) -> tuple[Job
 def project_file(session: Session, project_id: str, file_id: str) -> File | None:
     """A stored file of the job's project; None if it was deleted since the job was created."""
     return session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
+
+
+def adapter_file(session: Session, project_id: str, file_id: str, checkpoint_id: str | None) -> File | None:
+    """An adapter archive the job reads: a file of its own project, or else the archive of the checkpoint its
+    spec names, which may be another project's checkpoint shared with this one. The grant was checked when the
+    job was created (jobs/checkpoints.py); a grant revoked since stops new jobs, not this one. Nothing else of
+    the owner's is reachable: the file must be that checkpoint's own archive."""
+    file = project_file(session, project_id, file_id)
+    if file is None and checkpoint_id is not None:
+        file = session.scalar(
+            select(File)
+            .join(Checkpoint, Checkpoint.file_id == File.id)
+            .where(Checkpoint.id == checkpoint_id, File.id == file_id)
+        )
+    return file
 
 
 def write_under_lease(session: Session, job_id: str, lease: Lease, **values) -> bool:

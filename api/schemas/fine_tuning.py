@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from api.schemas.common import JobEventObject
+from jobs.checkpoints import checkpoint_name
 from jobs.fine_tune_spec import TrainingOptions
 from models.base import unix
 from models.job import Checkpoint, Job, JobEvent
@@ -186,7 +187,7 @@ class CheckpointObject(BaseModel):
         return cls(
             id=checkpoint.id,
             created_at=unix(checkpoint.created_at),
-            fine_tuned_model_checkpoint=f"{job.model}:ckpt-step-{checkpoint.step}:{job.id}",
+            fine_tuned_model_checkpoint=checkpoint_name(job, checkpoint),
             fine_tuning_job_id=job.id,
             metrics={k: v for k, v in (checkpoint.metrics or {}).items() if k in OPENAI_CHECKPOINT_METRICS},
             training_metrics={

@@ -58,6 +58,7 @@ def fuzz_target(database, tiny_model, webhook_receiver):
     import redis
 
     from api.services.keys import create_admin_key, create_key, get_or_create_project
+    from models.job import Checkpoint
 
     queue = f"grove-test-{RUN_ID}-fuzz"
     stack = Stack(
@@ -117,6 +118,18 @@ def fuzz_target(database, tiny_model, webhook_receiver):
                 {"bytes": 4096, "filename": "d.jsonl", "mime_type": "application/jsonl", "purpose": "fine-tune"},
             ),
         }
+        with stack.session() as session:  # a checkpoint, shared with another project, for its permission routes
+            checkpoint = Checkpoint(job_id=real["job_id"], step=1, metrics={}, file_id=train)
+            session.add(checkpoint)
+            session.flush()
+            real["fine_tuned_model_checkpoint"] = f"tiny-llama-test:ckpt-step-1:{real['job_id']}"
+            grantee = get_or_create_project(session, f"fuzz-grantee-{uuid.uuid4().hex[:8]}").id
+        granted = http.post(
+            f"/v1/fine_tuning/checkpoints/{real['fine_tuned_model_checkpoint']}/permissions",
+            json={"project_ids": [grantee]},
+        )
+        assert granted.status_code == 200, granted.text
+        real["permission_id"] = granted.json()["data"][0]["id"]
         admin_auth = {"Authorization": f"Bearer {admin}"}
         keys = http.get("/v1/admin/keys?limit=1000", headers=admin_auth).json()["data"]
         real["key_id"] = next(k["id"] for k in keys if k["hint"] == spare[:10])

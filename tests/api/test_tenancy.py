@@ -4,7 +4,8 @@ One project (the owner) holds one real object of every kind: files, fine-tuning 
 checkpoint, an export, an evaluation and a sweep (each with a report), a webhook endpoint with a delivery.
 A second project's key must get 404 `not_found` on every route that names one of them, must not see them in
 any list, and cannot use them in a create. An admin key gets 403 on every tenant route, a project key 403 on
-every admin route.
+every admin route. Checkpoint permissions take either key (the owner's project keys and admin keys manage them):
+another project gets 404 there too, a project granted the checkpoint included.
 
 A route this module has no mapping for fails `test_every_route_is_mapped`: a path parameter not in
 PATH_PARAMS, a collection route not in LISTS or CREATES, a body route without a body in BODIES, or a route
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 from fastapi.routing import APIRoute, iter_route_contexts
 
-from api.deps import admin_read, get_admin_key, get_project, project_read
+from api.deps import admin_read, caller_read, get_admin_key, get_caller, get_project, project_read
 from tests.conftest import emotion_rows, new_key
 
 TEMPLATE = "{text} -> {label}"
@@ -47,6 +48,8 @@ PATH_PARAMS = {
     "webhook_endpoint_id": "webhook_endpoint",
     "upload_id": "upload",
     "model_id": SHARED,
+    "fine_tuned_model_checkpoint": "checkpoint_name",
+    "permission_id": "permission",
 }
 # Path parameters of admin routes (keys belong to no tenant; only admin keys reach them).
 ADMIN_PATH_PARAMS = {"key_id"}
@@ -76,6 +79,7 @@ def creates(ids: dict[str, str]) -> dict[str, list[dict]]:
             pc | {"training_file": ids["other_file"], "validation_file": ids["training_file"]},
             pc | {"training_file": ids["other_file"], "from_job": ids["fine_tune"]},
             pc | {"training_file": ids["other_file"], "from_checkpoint": ids["checkpoint"]},
+            pc | {"training_file": ids["other_file"], "from_checkpoint": ids["checkpoint_name"]},
         ],
         "/v1/exports": [
             {"source": {"adapters": [{"fine_tuning_job": ids["fine_tune"]}]}},
@@ -85,6 +89,7 @@ def creates(ids: dict[str, str]) -> dict[str, list[dict]]:
             {"evaluation_file": ids["training_file"], "targets": ["tiny-llama-test"], "text_template": TEMPLATE},
             {"evaluation_file": ids["other_file"], "targets": [{"fine_tuning_job": ids["fine_tune"]}]},
             {"evaluation_file": ids["other_file"], "targets": [{"export_job": ids["export"]}]},
+            {"evaluation_file": ids["other_file"], "targets": [ids["checkpoint_name"]], "text_template": TEMPLATE},
         ],
         "/v1/sweeps": [
             {
@@ -103,6 +108,9 @@ def bodies(ids: dict[str, str]) -> dict[tuple[str, str], dict]:
         ("POST", "/v1/webhook_endpoints/{webhook_endpoint_id}/test"): {"event_type": "fine_tuning.job.succeeded"},
         ("POST", "/v1/admin/keys"): {"project": "anything"},
         ("POST", "/v1/uploads/{upload_id}/complete"): {"part_ids": [ids["upload_part"]]},
+        ("POST", "/v1/fine_tuning/checkpoints/{fine_tuned_model_checkpoint}/permissions"): {
+            "project_ids": [ids.get("grantee_project", "proj-x")]
+        },
     }
 
 
@@ -111,7 +119,7 @@ class Route:
     method: str
     path: str
     params: list[str]
-    auth: str | None  # "project", "admin" or None
+    auth: str | None  # "project", "admin", "any" (either key) or None
     body: bool
 
 
@@ -123,6 +131,8 @@ def _auth_of(route) -> str | None:
         dependant = stack.pop()
         found |= {dependant.call}
         stack.extend(dependant.dependencies)
+    if found & {get_caller, caller_read}:
+        return "any"
     if found & {get_project, project_read}:
         return "project"
     return "admin" if found & {get_admin_key, admin_read} else None
@@ -145,8 +155,9 @@ def app_routes(app) -> list[Route]:
     return routes
 
 
-def tenant_routes(app) -> list[Route]:
-    return [r for r in app_routes(app) if r.auth == "project"]
+def tenant_routes(app, auth: tuple[str, ...] = ("project", "any")) -> list[Route]:
+    """Routes that reach a project's objects: project keys only, or (with "any") admin keys as well."""
+    return [r for r in app_routes(app) if r.auth in auth]
 
 
 @dataclass
@@ -165,10 +176,12 @@ class Owner:
 def owner(app):
     """The owner's project with one object of every kind, and a second project's key."""
     from fastapi.testclient import TestClient
+    from sqlalchemy import select
 
     from api.services.keys import create_admin_key
     from models.db import session_scope
     from models.job import Checkpoint, Job
+    from models.project import ApiKey, hash_key
 
     with TestClient(app) as client:
         with session_scope() as session:
@@ -230,9 +243,23 @@ def owner(app):
             session.add(checkpoint)
             session.flush()
             ids["checkpoint"] = checkpoint.id
+            ids["checkpoint_name"] = f"tiny-llama-test:ckpt-step-1:{ids['fine_tune']}"
             # Reports the owner can read (any of the owner's files serves as one here).
             for kind in ("evaluation", "sweep"):
                 session.get(Job, ids[kind]).result_files = [ids["validation_file"]]
+        # Shared with a third project (not the other one, whose uses the tests below refuse).
+        grantee = new_key(f"grantee-{uuid.uuid4().hex[:8]}")
+        with session_scope() as session:
+            ids["grantee_project"] = session.scalar(
+                select(ApiKey.project_id).where(ApiKey.key_hash == hash_key(grantee))
+            )
+        granted = client.post(
+            f"/v1/fine_tuning/checkpoints/{ids['checkpoint_name']}/permissions",
+            headers=o.auth,
+            json={"project_ids": [ids["grantee_project"]]},
+        )
+        assert granted.status_code == 200, granted.text
+        ids["permission"] = granted.json()["data"][0]["id"]
         # A cancel gives the endpoint a delivery (fine_tuning.job.cancelled).
         assert client.post(f"/v1/fine_tuning/jobs/{ids['fine_tune_2']}/cancel", headers=o.auth).status_code == 200
         deliveries = o.get(f"/v1/webhook_endpoints/{ids['webhook_endpoint']}/deliveries").json()["data"]
@@ -257,7 +284,16 @@ def _call(client, method: str, path: str, headers: dict, body: dict | None = Non
 def test_every_route_is_mapped(app):
     """Fails for any route that would escape the tests below: add it to the tables at the top of this module."""
     placeholder = {
-        k: k for k in ("training_file", "validation_file", "other_file", "fine_tune", "checkpoint", "upload_part")
+        k: k
+        for k in (
+            "training_file",
+            "validation_file",
+            "other_file",
+            "fine_tune",
+            "checkpoint",
+            "upload_part",
+            "checkpoint_name",
+        )
     }
     create_paths = set(creates(placeholder | {"export": "e"}))
     body_routes = set(bodies(placeholder))
@@ -334,6 +370,8 @@ def test_the_owner_still_has_everything(owner, app):
         f"/v1/uploads/{ids['upload']}/complete", headers=owner.auth, json={"part_ids": [ids["upload_part"]]}
     )
     assert done.status_code == 200 and done.json()["status"] == "completed", done.text
+    permissions = owner.get(f"/v1/fine_tuning/checkpoints/{ids['checkpoint_name']}/permissions").json()["data"]
+    assert [(p["id"], p["project_id"]) for p in permissions] == [(ids["permission"], ids["grantee_project"])]
 
 
 def test_lists_never_show_another_projects_objects(owner, app):
@@ -379,7 +417,7 @@ def test_creates_cannot_use_another_projects_objects(owner, app):
 def test_admin_keys_get_403_on_every_tenant_route(owner, app):
     body_of = bodies(owner.ids)
     table = creates(owner.ids)
-    for route in tenant_routes(app):
+    for route in tenant_routes(app, auth=("project",)):
         path = _path(route, owner.ids)
         body = body_of.get((route.method, route.path))
         if body is None and route.path in table and table[route.path]:
@@ -387,6 +425,10 @@ def test_admin_keys_get_403_on_every_tenant_route(owner, app):
         response = _call(owner.client, route.method, path, owner.admin, body)
         assert response.status_code == 403, (route.method, path, response.text)
         assert response.json()["error"]["type"] == "permission_error"
+    # The routes either key reaches: an admin key manages any project's checkpoint permissions.
+    for route in tenant_routes(app, auth=("any",)):
+        if route.method == "GET":
+            assert _call(owner.client, "GET", _path(route, owner.ids), owner.admin).status_code == 200, route.path
 
 
 def test_project_keys_get_403_on_every_admin_route(owner, app):
