@@ -1,7 +1,7 @@
 """checkpoint permissions: a fine-tune's checkpoint shared with other projects
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-07
 """
 
