@@ -323,7 +323,7 @@ def trained(live, tmp_path_factory):
     return key, job, checkpoint
 
 
-def _project_id(stack, key: str) -> str:
+def project_id_of(stack, key: str) -> str:
     from models.project import ApiKey, hash_key
 
     with stack.session() as session:
@@ -335,7 +335,7 @@ def test_the_openai_sdk_creates_lists_and_deletes_permissions(live, trained):
 
     key, _, checkpoint = trained
     owner = sdk(live.base_url, key).fine_tuning.checkpoints.permissions
-    grantees = [_project_id(live, live.new_key()) for _ in range(3)]
+    grantees = [project_id_of(live, live.new_key()) for _ in range(3)]
     name = checkpoint.fine_tuned_model_checkpoint
 
     created = owner.create(fine_tuned_model_checkpoint=name, project_ids=grantees)
@@ -360,13 +360,13 @@ def test_the_openai_sdk_creates_lists_and_deletes_permissions(live, trained):
 
     # Another project, even one granted the checkpoint, cannot see or change its permissions.
     grantee_key = live.new_key()
-    owner.create(fine_tuned_model_checkpoint=name, project_ids=[_project_id(live, grantee_key)])
+    owner.create(fine_tuned_model_checkpoint=name, project_ids=[project_id_of(live, grantee_key)])
     for other_key in (grantee_key, live.new_key()):
         theirs = sdk(live.base_url, other_key).fine_tuning.checkpoints.permissions
         with pytest.raises(openai.NotFoundError):
             theirs.retrieve(fine_tuned_model_checkpoint=name)
         with pytest.raises(openai.NotFoundError):
-            theirs.create(fine_tuned_model_checkpoint=name, project_ids=[_project_id(live, other_key)])
+            theirs.create(fine_tuned_model_checkpoint=name, project_ids=[project_id_of(live, other_key)])
         with pytest.raises(openai.NotFoundError):
             theirs.delete(created.data[0].id, fine_tuned_model_checkpoint=name)
 
@@ -383,7 +383,7 @@ def test_a_grantee_fine_tunes_from_evaluates_and_exports_a_shared_checkpoint(liv
     permission = (
         sdk(live.base_url, owner_key)
         .fine_tuning.checkpoints.permissions.create(
-            fine_tuned_model_checkpoint=name, project_ids=[_project_id(live, grantee_key)]
+            fine_tuned_model_checkpoint=name, project_ids=[project_id_of(live, grantee_key)]
         )
         .data[0]
     )

@@ -10,25 +10,34 @@ import typing
 import httpx
 import pytest
 from openai import BaseModel as SdkModel
-from openai.types import FileDeleted, FileObject, Model
+from openai.types import FileDeleted, FileObject, Model, Upload
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+from openai.types.fine_tuning.checkpoints import (
+    PermissionCreateResponse,
+    PermissionDeleteResponse,
+    PermissionListResponse,
+    PermissionRetrieveResponse,
+)
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+from openai.types.uploads import UploadPart
 
+from tests.api.test_checkpoint_permissions import project_id_of
 from tests.conftest import emotion_rows, write_jsonl
 from tests.e2e.helpers import sdk, upload_emotion, wait_for
 
 JOB = {"text_template": "{text} -> {label}", "max_steps": 2, "save_every_steps": 1, "adapter": {"r": 4, "alpha": 8}}
 
 
-def undocumented_fields(sdk_type: type[SdkModel], payload: dict, documented: set[str], path: str) -> list[str]:
-    """Fields of `payload` that neither the SDK type nor `documented` (Grove's extensions) names, and the same in
-    each nested SDK object (where Grove declares no extensions)."""
-    found = [f"{path}.{name}" for name in payload if name not in sdk_type.model_fields and name not in documented]
+def undocumented_fields(sdk_type: type[SdkModel], payload: dict, grove: dict, path: str, resolve) -> list[str]:
+    """Fields of `payload` that neither the SDK type nor Grove's OpenAPI schema for it (`grove`) names, and the same
+    in each nested SDK object, against the nested schema Grove declares for that field (if any)."""
+    declared = grove.get("properties", {})
+    found = [f"{path}.{name}" for name in payload if name not in sdk_type.model_fields and name not in declared]
     for name, field in sdk_type.model_fields.items():
         value = payload.get(name)
         nested = [t for t in _members(field.annotation) if isinstance(t, type) and issubclass(t, SdkModel)]
         if isinstance(value, dict) and len(nested) == 1:
-            found += undocumented_fields(nested[0], value, set(), f"{path}.{name}")
+            found += undocumented_fields(nested[0], value, resolve(declared.get(name, {})), f"{path}.{name}", resolve)
     return found
 
 
@@ -46,19 +55,21 @@ class StrictReader:
         self.openapi = self.http.get("/openapi.json").json()
         self.checked: list[str] = []
 
-    def declared(self, method: str, route: str, paged: bool) -> set[str]:
+    def declared(self, method: str, route: str, paged: bool) -> dict:
         schema = self.openapi["paths"][route][method]["responses"]["200"]["content"]["application/json"]["schema"]
-        component = self._resolve(schema)
-        if paged:
-            component = self._resolve(component["properties"]["data"]["items"])
-        return set(component["properties"])
+        component = self.resolve(schema)
+        return self.resolve(component["properties"]["data"]["items"]) if paged else component
 
-    def _resolve(self, schema: dict) -> dict:
+    def resolve(self, schema: dict) -> dict:
+        """A schema with its $ref followed, and an optional one (anyOf [X, null]) taken as X."""
+        refs = [s for s in schema.get("anyOf", []) if "$ref" in s]
+        schema = refs[0] if len(refs) == 1 else schema
         while "$ref" in schema:
             schema = self.openapi["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
         return schema
 
     def check(self, method: str, route: str, sdk_type: type[SdkModel], *, paged=False, **params) -> list[dict]:
+        """The route's items (one, or a page's), each validated; `params`: `path` values and httpx arguments."""
         url = route.format(**params.pop("path", {}))
         response = self.http.request(method.upper(), url, **params)
         assert response.status_code == 200, (route, response.text)
@@ -70,7 +81,7 @@ class StrictReader:
         documented = self.declared(method, route, paged)
         for item in items:
             sdk_type.model_validate(item, strict=True)
-            extras = undocumented_fields(sdk_type, item, documented, sdk_type.__name__)
+            extras = undocumented_fields(sdk_type, item, documented, sdk_type.__name__, self.resolve)
             assert extras == [], extras
         self.checked.append(f"{method.upper()} {route}")
         return items
@@ -120,4 +131,31 @@ def test_every_sdk_route_answers_what_the_sdk_types_accept_in_strict_mode(live, 
 
     reader.check("get", "/v1/models", Model, paged=True)
     reader.check("get", "/v1/models/{model_id}", Model, path={"model_id": "tiny-llama-test"})
-    assert len(reader.checked) == 12
+
+    content = spare.read_bytes()
+    new_upload = {"filename": "big.jsonl", "purpose": "fine-tune", "bytes": len(content), "mime_type": "text/jsonl"}
+    [upload] = reader.check("post", "/v1/uploads", Upload, json=new_upload)
+    upload_path = {"path": {"upload_id": upload["id"]}}
+    [part] = reader.check("post", "/v1/uploads/{upload_id}/parts", UploadPart, files={"data": content}, **upload_path)
+    [completed] = reader.check(
+        "post", "/v1/uploads/{upload_id}/complete", Upload, json={"part_ids": [part["id"]]}, **upload_path
+    )
+    assert completed["status"] == "completed" and completed["file"]["n_examples"] == 10  # a declared extension
+    [abandoned] = reader.check("post", "/v1/uploads", Upload, json=new_upload)
+    reader.check("post", "/v1/uploads/{upload_id}/cancel", Upload, path={"upload_id": abandoned["id"]})
+
+    checkpoint = {"fine_tuned_model_checkpoint": checkpoints[0]["fine_tuned_model_checkpoint"]}
+    grantee = project_id_of(live, live.new_key())
+    permissions = "/v1/fine_tuning/checkpoints/{fine_tuned_model_checkpoint}/permissions"
+    [granted] = reader.check(
+        "post", permissions, PermissionCreateResponse, paged=True, path=checkpoint, json={"project_ids": [grantee]}
+    )
+    reader.check("get", permissions, PermissionListResponse, paged=True, path=checkpoint)
+    PermissionRetrieveResponse.model_validate(
+        reader.http.get(permissions.format(**checkpoint)).json(), strict=True
+    )  # the SDK's retrieve() reads the same page whole
+    reader.check(
+        "delete", permissions + "/{permission_id}", PermissionDeleteResponse,
+        path=checkpoint | {"permission_id": granted["id"]},
+    )  # fmt: skip
+    assert len(reader.checked) == 20
