@@ -19,6 +19,11 @@ class JobError(BaseModel):
     type: str | None = Field(None, description="Grove extension: user_error (bad data or spec) or system_error.")
 
 
+# OpenAI's status enum has no `pausing`: a job is shown running until its worker has checkpointed and let go of
+# it (`paused`). Grove's own status is in the job's events (event_type `pausing`).
+OPENAI_STATUS = {"pausing": "running"}
+
+
 class Progress(BaseModel):
     step: int
     total_steps: int | None
@@ -77,7 +82,7 @@ class FineTuningJobObject(BaseModel):
             organization_id=job.project_id,
             result_files=list(job.result_files or []),
             seed=spec["seed"],
-            status=job.status,
+            status=OPENAI_STATUS.get(job.status, job.status),
             trained_tokens=job.trained_tokens,
             training_file=job.training_file_id or "",
             validation_file=job.validation_file_id,
