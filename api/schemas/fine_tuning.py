@@ -113,8 +113,8 @@ class FineTuningJobEventObject(JobEventObject):
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     type: Literal["message", "metrics"] = Field("message", description="OpenAI's coarse type.")
     event_type: str = Field(
-        description="Grove extension: created, queued, started, metrics, checkpoint, cancelling, "
-        "succeeded, failed, cancelled, requeued, warning or info."
+        description="Grove extension: created, queued, started, metrics, checkpoint, cancelling, pausing, "
+        "paused, succeeded, failed, cancelled, requeued, warning or info."
     )
 
     @classmethod
