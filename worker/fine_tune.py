@@ -186,7 +186,7 @@ class JobProgress(StageProgress):
             return True
         with session_scope() as session:
             status = session.scalar(select(Job.status).where(Job.id == self.job_id))
-        self.lease.note(JobStatus(status))
+        self.lease.note(status)
         return self.lease.should_stop
 
     def should_pause(self) -> bool:

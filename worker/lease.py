@@ -59,7 +59,7 @@ class Lease:
         else:
             self.note(status)
 
-    def note(self, status: JobStatus) -> None:
+    def note(self, status: str | None) -> None:
         """Raise the flag the job's status asks for: cancelling, or pausing."""
         if status == JobStatus.cancelling:
             self.cancel_requested.set()

@@ -133,6 +133,8 @@ def confirm_paused(job_id: str, lease: Lease, step: int) -> bool:
     """pausing -> paused once the stage has checkpointed at `step`: the lease is let go and the claim's attempt
     given back (a pause is not a worker lost); only while this worker still holds the lease."""
     with session_scope() as session:
+        # The job's progress shows logged steps; a pause is often between two.
+        write_under_lease(session, job_id, lease, step=step)
         return switch_under_lease(
             session,
             job_id,
