@@ -70,6 +70,9 @@ class _Hooks:
     def should_stop(self):
         return False
 
+    def should_pause(self):
+        return False
+
 
 def train(name: str, n_rows: int, offset: int, base_dir: Path, retrain: bool) -> Path:
     from jobs.fine_tune_spec import FineTuneSpec

@@ -74,15 +74,27 @@ def enqueue(session: Session, job: Job, *, queued: str, detail: str = "", dispat
 
 
 def request_cancel(session: Session, job_id: str, message: str | None = None) -> bool:
-    """Stop a job that has not started at once; ask a running one's worker to stop at its next safe point
-    (between two training steps). Returns whether the job moved."""
-    return switch_job_status(
-        session,
-        job_id,
-        JobStatus.cancelled,
-        only_from={JobStatus.validating_files, JobStatus.queued},
-        message=message or "Job cancelled before it started.",
-    ) or switch_job_status(session, job_id, JobStatus.cancelling, only_from={JobStatus.running}, message=message)
+    """Stop a job that has not started (or is paused) at once; ask a running or pausing one's worker to stop at
+    its next safe point (between two training steps). Returns whether the job moved."""
+    return (
+        switch_job_status(
+            session,
+            job_id,
+            JobStatus.cancelled,
+            only_from={JobStatus.validating_files, JobStatus.queued},
+            message=message or "Job cancelled before it started.",
+        )
+        or switch_job_status(
+            session,
+            job_id,
+            JobStatus.cancelled,
+            only_from={JobStatus.paused},
+            message=message or "Paused job cancelled.",
+        )
+        or switch_job_status(
+            session, job_id, JobStatus.cancelling, only_from={JobStatus.running, JobStatus.pausing}, message=message
+        )
+    )
 
 
 def cancel(session: Session, job: Job) -> Job:
@@ -94,6 +106,54 @@ def cancel(session: Session, job: Job) -> Job:
         raise Conflict(
             f"Job {job.id} has already {job.status}; it cannot be cancelled.", param=JobKind(job.kind).id_param
         )
+    return job
+
+
+def pause(session: Session, job: Job) -> Job:
+    """A user's pause: a queued job is paused at once; a running one's worker is asked to checkpoint at its next
+    step boundary and let go of it (`pausing`, then `paused`). One already paused or pausing is returned
+    unchanged; a finished or cancelling one, or a sweep's trial, is 409."""
+    param = JobKind(job.kind).id_param
+    parent = session.get(Job, job.parent_id) if job.parent_id else None
+    if parent is not None and parent.kind == JobKind.sweep:
+        raise Conflict(
+            f"Job {job.id} is a trial of sweep {parent.id}; a paused trial would hold its sweep back, so trials "
+            "cannot be paused. Cancel the sweep, or the trial, instead.",
+            param=param,
+        )
+    switch_job_status(
+        session, job.id, JobStatus.paused, only_from={JobStatus.queued}, message="Job paused before it started."
+    ) or switch_job_status(session, job.id, JobStatus.pausing, only_from={JobStatus.running})
+    session.flush()
+    session.refresh(job)
+    status = JobStatus(job.status)
+    if status in (JobStatus.paused, JobStatus.pausing):
+        return job
+    if status.is_terminal:
+        raise Conflict(f"Job {job.id} has already {status}; it cannot be paused.", param=param)
+    raise Conflict(f"Job {job.id} is {status}; it cannot be paused.", param=param)
+
+
+def resume(session: Session, job: Job) -> Job:
+    """A user's resume: a paused job is queued again (dispatched after commit) and its worker continues from the
+    checkpoint it paused at. Any other job is 409, a pausing one included (resume it once it is paused)."""
+    if switch_job_status(
+        session,
+        job.id,
+        JobStatus.queued,
+        only_from={JobStatus.paused},
+        message="Job resumed; queued to continue from where it paused.",
+    ):
+        dispatch_after_commit(session, job.id, job.kind, job.queue)
+    else:
+        session.refresh(job)
+        status = JobStatus(job.status)
+        state = f"has already {status}" if status.is_terminal else f"is {status}"
+        raise Conflict(
+            f"Job {job.id} {state}, not paused; only a paused job can be resumed.", param=JobKind(job.kind).id_param
+        )
+    session.flush()
+    session.refresh(job)
     return job
 
 

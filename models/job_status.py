@@ -8,6 +8,8 @@ class JobStatus(StrEnum):
     queued = "queued"
     running = "running"
     cancelling = "cancelling"
+    pausing = "pausing"
+    paused = "paused"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
@@ -21,11 +23,19 @@ TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled
 
 # Every move a job may make. `running -> queued` is the reconciler giving back a job whose worker
 # stopped renewing its lease; `cancelling -> failed` is a worker that crashed while stopping.
+# Pause: a queued job is paused at once; a running one is `pausing` until its worker has checkpointed at a step
+# boundary and let go of it (`paused`, no lease). `pausing -> succeeded` is a pause asked after the last step;
+# `pausing -> paused` is also the reconciler, for a worker that died before confirming (the job then resumes from
+# its last regular checkpoint). Resume is `paused -> queued`.
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.validating_files: frozenset({JobStatus.queued, JobStatus.failed, JobStatus.cancelled}),
-    JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled, JobStatus.failed}),
-    JobStatus.running: frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelling, JobStatus.queued}),
+    JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled, JobStatus.failed, JobStatus.paused}),
+    JobStatus.running: frozenset(
+        {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelling, JobStatus.queued, JobStatus.pausing}
+    ),
     JobStatus.cancelling: frozenset({JobStatus.cancelled, JobStatus.failed}),
+    JobStatus.pausing: frozenset({JobStatus.paused, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelling}),
+    JobStatus.paused: frozenset({JobStatus.queued, JobStatus.cancelled}),
     JobStatus.succeeded: frozenset(),
     JobStatus.failed: frozenset(),
     JobStatus.cancelled: frozenset(),

@@ -26,6 +26,8 @@ STATUS_EVENT = {
     JobStatus.queued: "queued",
     JobStatus.running: "started",
     JobStatus.cancelling: "cancelling",
+    JobStatus.pausing: "pausing",
+    JobStatus.paused: "paused",
     JobStatus.succeeded: "succeeded",
     JobStatus.failed: "failed",
     JobStatus.cancelled: "cancelled",
@@ -63,8 +65,8 @@ def switch_job_status(
 
     `only_from` narrows the sources. `lease_owner` for `running` claims the lease; for any other
     target it requires that the caller still holds the lease (a worker that lost it changes nothing).
-    `refund_attempt` (back to `queued`) takes back the attempt its claim counted: the worker gave the job
-    back alive (the database went away under it), so it must not count toward `max_attempts`.
+    `refund_attempt` (back to `queued`, or `paused`) takes back the attempt its claim counted: the worker gave the
+    job back alive (the database went away under it, or it paused), so it must not count toward `max_attempts`.
     """
     sources = set(sources_of(to))
     if only_from is not None:
@@ -87,8 +89,10 @@ def switch_job_status(
     elif lease_owner is not None:
         conditions.append(Job.lease_owner == lease_owner)
 
-    if to == JobStatus.queued:
+    if to in (JobStatus.queued, JobStatus.paused):
         values |= {"lease_owner": None, "lease_expires_at": None, "dispatched_at": None}
+        if to == JobStatus.paused:
+            values["estimated_finish"] = None  # a paused job has no finish to expect
         if refund_attempt:
             if lease_owner is None:
                 raise ValueError("only the worker holding the lease can give its attempt back")
@@ -125,6 +129,8 @@ def _default_message(to: JobStatus, error: dict | None) -> str:
         JobStatus.queued: "Job queued.",
         JobStatus.running: "Fine-tuning job started.",
         JobStatus.cancelling: "Cancellation requested.",
+        JobStatus.pausing: "Pause requested; the job pauses at its next step boundary.",
+        JobStatus.paused: "Job paused.",
         JobStatus.succeeded: "The job has successfully completed.",
         JobStatus.failed: "Job failed.",
         JobStatus.cancelled: "Job cancelled.",
@@ -139,7 +145,7 @@ def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int) -
         .where(
             Job.id == job_id,
             Job.lease_owner == owner,
-            Job.status.in_([JobStatus.running, JobStatus.cancelling]),
+            Job.status.in_([JobStatus.running, JobStatus.cancelling, JobStatus.pausing]),
         )
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)

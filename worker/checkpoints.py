@@ -22,7 +22,11 @@ from typing import Any
 
 STATE_FILE = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
-STATE_FILES = (STATE_FILE, STATE_TENSORS)
+# Marks a checkpoint written because the job was paused, between two regular ones: it is resumed from like any
+# other, but never published, judged or counted among the kept ones (the next regular checkpoint prunes it), so a
+# paused run keeps the same checkpoints as an uninterrupted one.
+PAUSE_MARKER = "training_state.paused"
+STATE_FILES = (STATE_FILE, STATE_TENSORS, PAUSE_MARKER)
 CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -61,6 +65,15 @@ def kept_checkpoints(existing: Sequence[int], new: int, best: int | None, keep: 
     return sorted(set(recent) | ({best} if best is not None else set()))
 
 
+def is_pause_checkpoint(work_dir: Path, step: int) -> bool:
+    return (checkpoint_dir(work_dir, step) / PAUSE_MARKER).is_file()
+
+
+def regular_checkpoint_steps(work_dir: Path) -> list[int]:
+    """checkpoint_steps without the pause checkpoints."""
+    return [step for step in checkpoint_steps(work_dir) if not is_pause_checkpoint(work_dir, step)]
+
+
 def checkpoint_dir(work_dir: Path, step: int) -> Path:
     return Path(work_dir) / "checkpoints" / f"step-{step}"
 
@@ -72,6 +85,16 @@ def save_checkpoint(work_dir: Path, step: int, kept: Sequence[int], write: Calla
         if old not in kept:
             shutil.rmtree(checkpoint_dir(work_dir, old), ignore_errors=True)
     return path
+
+
+def save_pause_checkpoint(work_dir: Path, step: int, write: Callable[[Path], None]) -> Path:
+    """A pause checkpoint at `step`, filled by `write`; nothing pruned."""
+
+    def write_marked(tmp: Path) -> None:
+        write(tmp)
+        (tmp / PAUSE_MARKER).write_text(f"paused after step {step}\n")
+
+    return save_atomically(checkpoint_dir(work_dir, step), write_marked)
 
 
 def write_state(path: Path, state: dict) -> None:

@@ -9,6 +9,10 @@ worker: it holds the checkpoints a requeued job resumes from. It is removed once
 `settings.work_dir/token-cache/<project id>`, keyed by project, file content, template and tokenizer: a project
 never learns from a cache hit that another trained on the same file.
 
+A pause is taken at the first optimizer-step boundary after it is asked: the loop checkpoints there (optimizer,
+RNG, data position), the job becomes `paused` and the worker is free; a resume queues it again and the next
+worker continues from that checkpoint as from a dead worker's, to the same weights.
+
 A cancel reaches the job while its files are read and tokenized too (JobProgress.check_stop, before each
 example), not only between training steps. Published checkpoints hold the adapter's weights and a manifest,
 never the training state (optimizer, RNG): that stays in the work directory, for resuming.
@@ -52,6 +56,7 @@ from worker.stage_kit import (
     StageProgress,
     Stopped,
     confirm_cancelled,
+    confirm_paused,
     finish,
     finish_at,
     load_job,
@@ -182,9 +187,12 @@ class JobProgress(StageProgress):
             return True
         with session_scope() as session:
             status = session.scalar(select(Job.status).where(Job.id == self.job_id))
-        if status == JobStatus.cancelling:
-            self.lease.cancel_requested.set()
+        self.lease.note(status)
         return self.lease.should_stop
+
+    def should_pause(self) -> bool:
+        """Asked after every optimizer step but the last, right after should_stop (whose read raised the flag)."""
+        return self.lease.pause_requested.is_set()
 
     def check_stop(self) -> None:
         """Raise Stopped once a cancel is asked or the lease lost: called before each example while the data is
@@ -296,6 +304,11 @@ def run(job_id: str, lease: Lease) -> None:
         if outcome.stopped and lease.lost.is_set():
             keep_work_dir = True  # the job is another worker's now, and so is this directory
             return
+        if outcome.paused:
+            # The checkpoint it paused at is in this directory; a cancel that came meanwhile wins.
+            keep_work_dir = confirm_paused(job.id, lease, outcome.steps)
+            if keep_work_dir:
+                return
         if not outcome.stopped:
             merged = None
             if spec.merged_model:

@@ -1,7 +1,7 @@
 """Claiming a job and keeping it: the conditional claim, and a heartbeat that renews the lease.
 
 The heartbeat runs in a thread so that a long step or a slow model load never lets the lease lapse.
-It also reads the job's status, so the training loop learns of a cancel from a flag, not a query.
+It also reads the job's status, so the training loop learns of a cancel (or a pause) from a flag, not a query.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class Lease:
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.cancel_requested = threading.Event()
+        # Not a stop: the loop finishes its step, checkpoints and hands the job back (worker/train_loop.py).
+        self.pause_requested = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
@@ -54,8 +56,15 @@ class Lease:
         if status is None:
             log.warning("lost the lease on %s", self.job_id)
             self.lost.set()
-        elif status == JobStatus.cancelling:
+        else:
+            self.note(status)
+
+    def note(self, status: str | None) -> None:
+        """Raise the flag the job's status asks for: cancelling, or pausing."""
+        if status == JobStatus.cancelling:
             self.cancel_requested.set()
+        elif status == JobStatus.pausing:
+            self.pause_requested.set()
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):

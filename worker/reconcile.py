@@ -5,7 +5,9 @@
   so an extra message is harmless.
 - A running job whose lease expired (its worker died) goes back to queued and is published again,
   unless its workers died `max_attempts` times: such a job (one that runs its worker out of memory,
-  say) fails with `worker_lost`. A cancelling one whose worker died is simply cancelled.
+  say) fails with `worker_lost`. A cancelling one whose worker died is simply cancelled, and a pausing one
+  paused (a resume continues from its last regular checkpoint). A paused job holds no lease and no message: the
+  reconciler leaves it alone until it is resumed.
 - Sweeps hold no worker and are never published: each pass advances them (worker/sweep.py).
 - A multipart upload past its expires_at and never completed expires, and its parts' bytes are deleted.
 """
@@ -39,6 +41,7 @@ def reconcile_once() -> dict[str, int]:
         "requeued": 0,
         "failed": 0,
         "cancelled": 0,
+        "paused": 0,
         "republished": 0,
         "sweeps": 0,
         "temp_files": 0,
@@ -47,7 +50,7 @@ def reconcile_once() -> dict[str, int]:
     with session_scope() as session:
         expired = session.execute(
             select(Job.id, Job.status, Job.attempts, Job.step).where(
-                Job.status.in_([JobStatus.running, JobStatus.cancelling]),
+                Job.status.in_([JobStatus.running, JobStatus.cancelling, JobStatus.pausing]),
                 Job.lease_expires_at < now,
                 Job.kind != JobKind.sweep,
             )
@@ -105,6 +108,9 @@ def _after_lease_expired(
     if status == JobStatus.cancelling:
         message = "Job cancelled; its worker stopped before confirming."
         return "cancelled", JobStatus.cancelled, {"only_from": {JobStatus.cancelling}, "message": message}
+    if status == JobStatus.pausing:
+        message = "Job paused; its worker stopped before confirming, so it resumes from its last checkpoint."
+        return "paused", JobStatus.paused, {"only_from": {JobStatus.pausing}, "message": message}
     if attempts >= max_attempts:
         return "failed", JobStatus.failed, {"only_from": {JobStatus.running}, "error": worker_lost(attempts, step)}
     message = "Worker lease expired; job requeued."

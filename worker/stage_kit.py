@@ -5,8 +5,9 @@ conditioned on that lease, so a worker that lost its job (the reconciler gave it
 - `load_job`, `project_file`: what a stage reads before it starts;
 - `write_under_lease`: the one UPDATE of the job row a stage makes (progress, results);
 - `StageProgress`: the base of each stage's progress reporter, with `Stopped` for a stage to stop where it is;
-- how a stage ends: `finish` (running -> succeeded or failed in its final transaction), `fail`, and
-  `confirm_cancelled` (cancelling -> cancelled once it has stopped);
+- how a stage ends: `finish` (running -> succeeded or failed in its final transaction), `fail`,
+  `confirm_cancelled` (cancelling -> cancelled once it has stopped) and `confirm_paused` (pausing -> paused once
+  it has checkpointed);
 - `classify_failure`: the error a job that raised records, user errors told apart from system errors.
 """
 
@@ -110,22 +111,28 @@ class StageProgress:
 
 
 def finish(session: Session, job_id: str, lease: Lease, to: JobStatus, **details) -> bool:
-    """running -> `to` in the stage's final transaction; return whether it moved.
+    """running (or pausing: the last step came first) -> `to` in the stage's final transaction; return whether it
+    moved.
 
     The result files, the job's pointers to them and the new status land together: if the switch loses (the
     lease was lost, or a cancel came first), the transaction is rolled back and nothing it published lands.
     """
-    if switch_under_lease(session, job_id, lease, to, only_from={JobStatus.running}, **details):
+    if switch_under_lease(session, job_id, lease, to, only_from={JobStatus.running, JobStatus.pausing}, **details):
         return True
     session.rollback()
     return False
 
 
 def fail(job_id: str, lease: Lease, error: dict) -> None:
-    """running, or cancelling (the stage raised before it stopped) -> failed."""
+    """running, or cancelling or pausing (the stage raised before it stopped) -> failed."""
     with session_scope() as session:
         switch_under_lease(
-            session, job_id, lease, JobStatus.failed, only_from={JobStatus.running, JobStatus.cancelling}, error=error
+            session,
+            job_id,
+            lease,
+            JobStatus.failed,
+            only_from={JobStatus.running, JobStatus.cancelling, JobStatus.pausing},
+            error=error,
         )
 
 
@@ -134,6 +141,24 @@ def confirm_cancelled(job_id: str, lease: Lease, message: str, data: dict | None
     with session_scope() as session:
         return switch_under_lease(
             session, job_id, lease, JobStatus.cancelled, only_from={JobStatus.cancelling}, message=message, data=data
+        )
+
+
+def confirm_paused(job_id: str, lease: Lease, step: int) -> bool:
+    """pausing -> paused once the stage has checkpointed at `step`: the lease is let go and the claim's attempt
+    given back (a pause is not a worker lost); only while this worker still holds the lease."""
+    with session_scope() as session:
+        # The job's progress shows logged steps; a pause is often between two.
+        write_under_lease(session, job_id, lease, step=step)
+        return switch_under_lease(
+            session,
+            job_id,
+            lease,
+            JobStatus.paused,
+            only_from={JobStatus.pausing},
+            refund_attempt=True,
+            message=f"Job paused after step {step}; resume it to continue from there.",
+            data={"step": step},
         )
 
 

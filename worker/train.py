@@ -52,17 +52,20 @@ class TrainingHooks(Protocol):
 
     def should_stop(self) -> bool: ...
 
+    def should_pause(self) -> bool:
+        """Asked after every optimizer step but the last: True checkpoints there and ends the run, to resume."""
+
 
 @dataclass
 class TrainOutcome:
-    stopped: bool  # True if should_stop() ended training early
+    stopped: bool  # True if should_stop() or should_pause() ended training early
     steps: int
     total_steps: int
     trained_tokens: int  # non-padding tokens through the model in training steps
     train_loss: float | None  # at the last logged step
     valid_loss: float | None  # full validation loss at the end (None if stopped or no validation data)
     metrics_rows: list[dict]  # one per logged step, as passed to on_metrics, plus "step"
-    adapter_dir: Path  # the result: peft adapter (or full model) + tokenizer
+    adapter_dir: Path  # the result: peft adapter (or full model) + tokenizer; paused: the checkpoint's weights
     checkpoints: list[Path] = field(default_factory=list)  # kept checkpoint directories
     stats: dict = field(default_factory=dict)  # as passed to on_start
     early_stopped: bool = False
@@ -70,6 +73,7 @@ class TrainOutcome:
     best_valid_loss: float | None = None
     result_step: int | None = None  # the step whose weights adapter_dir holds
     resumed_from: int | None = None  # checkpoint step this run started from
+    paused: bool = False  # should_pause() ended it: its checkpoint at `steps` is where the next run resumes
 
 
 def train_adapter(
@@ -118,7 +122,10 @@ def train_adapter(
     stopped = loop.run()
 
     progress = loop.progress
-    adapter_dir, result_step = _save_result(spec, work_dir, progress, stopped, model, data.tokenizer)
+    if loop.paused:  # nothing to publish: the weights so far are in the checkpoint it paused at
+        adapter_dir, result_step = checkpoint_dir(work_dir, progress.step), progress.step
+    else:
+        adapter_dir, result_step = _save_result(spec, work_dir, progress, stopped, model, data.tokenizer)
     return TrainOutcome(
         stopped=stopped,
         steps=progress.step,
@@ -135,6 +142,7 @@ def train_adapter(
         best_valid_loss=progress.best_loss,
         result_step=result_step,
         resumed_from=loop.resumed_from,
+        paused=loop.paused,
     )
 
 

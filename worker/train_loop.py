@@ -5,6 +5,11 @@ the metrics since the last log are reported, with the loss over the validation s
 checkpoints (every save_every_steps, epoch ends, the last step) the loss over the full validation subset picks
 the best step and drives early stopping, and the weights, optimizer, RNG states and `Progress` are saved.
 Resuming restores all of these, so the run ends with the weights an uninterrupted one would have.
+
+A pause (hooks.should_pause, asked once a step is wholly done: trained, logged, checkpointed) saves the same state
+as a pause checkpoint (worker.checkpoints.PAUSE_MARKER) unless that step already has a regular one, and ends the
+run; the next run resumes from it as from any checkpoint. Pausing only between optimizer steps means no gradient
+accumulation is ever cut in two.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from jobs.fine_tune_spec import FineTuneSpec
 from worker.checkpoints import (
     checkpoint_dir,
     checkpoint_steps,
+    is_pause_checkpoint,
     kept_checkpoints,
     read_state,
+    regular_checkpoint_steps,
     rng_state,
     save_checkpoint,
+    save_pause_checkpoint,
     set_rng_state,
     write_state,
 )
@@ -81,6 +89,7 @@ class TrainingLoop:
         self.hooks = hooks
         self.progress = Progress()
         self.resumed_from: int | None = None
+        self.paused = False  # the run ended at a pause, its state saved for the next run
         self.trainer = Trainer(model.setup, data.pad_token_id, hooks)
         self.order = BatchOrder(plan, [len(r["input_ids"]) for r in data.train.rows])
         valid_sample, valid_full = data.validation_rows(spec.seed)
@@ -105,6 +114,13 @@ class TrainingLoop:
     def announce_resume(self, kept: list[int]) -> None:
         step = self.resumed_from
         rows = self.progress.metrics_rows
+        if is_pause_checkpoint(self.work_dir, step):
+            self.hooks.on_event(
+                "info",
+                f"Resumed from where the job paused, after step {step} (weights, optimizer, RNG and data position).",
+                {"step": step},
+            )
+            return
         self.hooks.on_event(
             "info",
             f"Resumed from the checkpoint at step {step} (weights, optimizer, RNG and data position).",
@@ -121,16 +137,27 @@ class TrainingLoop:
     # --- the steps --------------------------------------------------------------------------------------
 
     def run(self) -> bool:
-        """Train to the last step, or until early stopping; True if should_stop() ended the run first."""
+        """Train to the last step, or until early stopping; True if should_stop() or should_pause() ended the run
+        first (`paused` tells which)."""
         progress = self.progress
         self._started, self._first_step = time.perf_counter(), progress.step
         try:
             while progress.step < self.plan.total_steps and not progress.early_stopped:
                 progress.step += 1
                 self._step(progress.step)
+                if progress.step < self.plan.total_steps and not progress.early_stopped and self.hooks.should_pause():
+                    self._pause(progress.step)
+                    return True
         except Stopped:
             return True
         return False
+
+    def _pause(self, step: int) -> None:
+        """Save the state after `step` (unless its regular checkpoint already holds it) and tell the hooks."""
+        if step not in checkpoint_steps(self.work_dir):
+            save_pause_checkpoint(self.work_dir, step, self._write_checkpoint)
+        self.paused = True
+        self.hooks.on_event("info", f"Checkpoint for the pause saved after step {step}.", {"step": step})
 
     def _step(self, step: int) -> None:
         plan = self.plan
@@ -197,7 +224,8 @@ class TrainingLoop:
         progress = self.progress
         if judge:
             self._judge(metrics["full_valid_loss"], last=step == self.plan.total_steps)
-        kept = kept_checkpoints(checkpoint_steps(self.work_dir), step, progress.best_step, self.spec.keep_checkpoints)
+        existing = regular_checkpoint_steps(self.work_dir)  # pause checkpoints are pruned here
+        kept = kept_checkpoints(existing, step, progress.best_step, self.spec.keep_checkpoints)
         path = save_checkpoint(self.work_dir, step, kept, self._write_checkpoint)
         self.hooks.on_checkpoint(
             step, path, {"step": step, "epoch": epoch, **metrics, "is_best": progress.best_step == step}, kept

@@ -3,7 +3,8 @@
 The stream (`GET .../events?stream=true`) is read with httpx-sse; a dropped connection is resumed with
 `Last-Event-ID`, so no event is shown twice or missed, and so is a stream the server closed before the job
 ended (its lifetime is bounded). The server closes the stream after the job's terminal event; the final job
-object is then read once more for its status and error.
+object is then read once more for its status and error. A job that pauses is not over, but there is nothing to
+follow until someone resumes it: following stops at its `paused` event (if it is still paused).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rich.text import Text
 from api.cli.http import ApiError, Client
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 3}
+EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 3, "paused": 4}
 RECONNECTS = 20
 
 
@@ -147,7 +148,7 @@ class View:
     def update_from_event(self, event: dict) -> None:
         data = event.get("data") or {}
         kind = event.get("event_type") or event.get("type")
-        if kind in ("queued", "started", "cancelling", *TERMINAL):
+        if kind in ("queued", "started", "cancelling", "pausing", "paused", *TERMINAL):
             self.status = {"started": "running"}.get(kind, kind)
         if "step" in data:
             self.step = int(data["step"])
@@ -168,13 +169,20 @@ class View:
             self.eta = "0:00"
 
 
+def _paused_now(client: Client, job_path: str, event: dict) -> bool:
+    """Whether `event` is the job's pause and the job is still paused (not a pause resumed since)."""
+    return event.get("event_type") == "paused" and client.get(job_path).get("status") == "paused"
+
+
 def follow(client: Client, job_path: str, *, as_json: bool, show_history: bool = True) -> dict:
-    """Show the job live until it ends; return the final job object."""
+    """Show the job live until it ends or pauses; return the final job object."""
     job = client.get(job_path)
     if as_json:
         for event in stream_events(client, job_path):
             sys.stdout.write(json.dumps(event.data) + "\n")
             sys.stdout.flush()
+            if _paused_now(client, job_path, event.data):
+                break
         return client.get(job_path)
 
     console = Console(stderr=False, highlight=False)
@@ -198,6 +206,8 @@ def follow(client: Client, job_path: str, *, as_json: bool, show_history: bool =
                 style = {"error": "red", "warn": "yellow"}.get(data.get("level", ""), "")
                 bar.console.print(f"[dim]{stamp}[/dim] [{style or 'default'}]{data.get('message', '')}[/]")
             bar.update(task, total=view.total, completed=view.step, **_fields(view))
+            if _paused_now(client, job_path, data):
+                break
         job = client.get(job_path)
         view.update_from_job(job)
         bar.update(task, total=view.total, completed=view.step, **_fields(view))

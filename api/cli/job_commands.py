@@ -26,7 +26,7 @@ from api.cli.common import (
 from api.cli.http import Client
 from models.job_kind import JobKind
 
-jobs = typer.Typer(help="Jobs of every kind: list, get, cancel, events.", no_args_is_help=True)
+jobs = typer.Typer(help="Jobs of every kind: list, get, cancel, pause, resume, events.", no_args_is_help=True)
 
 
 def follow_job(c: Client, path: str, as_json: bool, quiet: bool = False) -> dict:
@@ -44,7 +44,7 @@ def follow_job(c: Client, path: str, as_json: bool, quiet: bool = False) -> dict
 
 
 def finish(c: Client, path: str, as_json: bool, events_as_json: bool, job: dict | None = None) -> None:
-    """Follow to the end, print the outcome, exit 0 / 1 (failed) / 3 (cancelled)."""
+    """Follow to the end (or a pause), print the outcome, exit 0 / 1 (failed) / 3 (cancelled) / 4 (paused)."""
     job = job or follow_job(c, path, as_json=events_as_json, quiet=as_json and not events_as_json)
     status = job.get("status")
     if as_json and not events_as_json:
@@ -57,6 +57,8 @@ def finish(c: Client, path: str, as_json: bool, events_as_json: bool, job: dict 
             error = job.get("error") or {}
             param = f" (param: {error['param']})" if error.get("param") else ""
             typer.echo(f"{job['id']} failed: {error.get('message', 'unknown error')}{param}", err=True)
+        elif status == "paused":
+            typer.echo(f"{job['id']} paused; stopped following. Continue it: grove jobs resume {job['id']}", err=True)
         else:
             typer.echo(f"{job['id']} {status}.", err=True)
     raise typer.Exit(live.EXIT_CODES.get(status, 1))
@@ -104,6 +106,22 @@ def jobs_get(ctx: typer.Context, job_id: str, kind: KindOpt = None, as_json: Jso
 def jobs_cancel(ctx: typer.Context, job_id: str, kind: KindOpt = None, as_json: JsonOpt = False) -> None:
     """Cancel a job: at once when queued, between two steps when running."""
     job = client(ctx).post(f"{job_path(job_id, kind)}/cancel")
+    print_json(job) if as_json else typer.echo(f"{job['id']} {job['status']}")
+
+
+@jobs.command("pause")
+@handles_errors
+def jobs_pause(ctx: typer.Context, job_id: str, as_json: JsonOpt = False) -> None:
+    """Pause a fine-tuning job: at once when queued; when running, after its current step, freeing its worker."""
+    job = client(ctx).post(f"{job_path(job_id, JobKind.fine_tune)}/pause")
+    print_json(job) if as_json else typer.echo(f"{job['id']} {job['status']}")
+
+
+@jobs.command("resume")
+@handles_errors
+def jobs_resume(ctx: typer.Context, job_id: str, as_json: JsonOpt = False) -> None:
+    """Resume a paused fine-tuning job from where it paused."""
+    job = client(ctx).post(f"{job_path(job_id, JobKind.fine_tune)}/resume")
     print_json(job) if as_json else typer.echo(f"{job['id']} {job['status']}")
 
 

@@ -60,6 +60,18 @@ def cancel_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTun
     return FineTuningJobObject.from_row(fine_tuning.cancel(session, project, job_id))
 
 
+@router.post("/{job_id}/pause", response_model=FineTuningJobObject)
+def pause_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTuningJobObject:
+    """A queued job pauses at once; a running one checkpoints at its next step boundary and frees its worker."""
+    return FineTuningJobObject.from_row(fine_tuning.pause(session, project, job_id))
+
+
+@router.post("/{job_id}/resume", response_model=FineTuningJobObject)
+def resume_job(session: SessionDep, project: ProjectDep, job_id: str) -> FineTuningJobObject:
+    """A paused job is queued again and continues from the checkpoint it paused at."""
+    return FineTuningJobObject.from_row(fine_tuning.resume(session, project, job_id))
+
+
 @router.get("/{job_id}/events", response_model=ListObject[FineTuningJobEventObject])
 async def list_events(
     request: Request,

@@ -27,9 +27,10 @@ class Progress(BaseModel):
     percent: float | None
 
 
-# Statuses of Grove's own that OpenAI's enum lacks, as OpenAI-shaped clients are shown them: a job whose cancel
-# is asked is still running until its worker stops it. `status_detail` carries Grove's own.
-OPENAI_STATUS = {JobStatus.cancelling: JobStatus.running}
+# Statuses of Grove's own that OpenAI's enum lacks, as OpenAI-shaped clients are shown them: a job whose cancel or
+# pause is asked is still running until its worker stops it (or has checkpointed and let go of it: `paused`, which
+# OpenAI's API shows as is). `status_detail` carries Grove's own.
+OPENAI_STATUS = {JobStatus.cancelling: JobStatus.running, JobStatus.pausing: JobStatus.running}
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
@@ -60,8 +61,9 @@ class FineTuningJobObject(_SHOWN_OPTIONS):
     result_files: list[str]
     seed: int
     status: str = Field(
-        description="OpenAI's status: validating_files, queued, running, succeeded, failed or cancelled. A job "
-        "whose cancel was asked shows running until its worker has stopped (status_detail says cancelling)."
+        description="OpenAI's status: validating_files, queued, running, paused, succeeded, failed or cancelled. "
+        "A job whose cancel or pause was asked shows running until its worker has stopped (status_detail says "
+        "cancelling or pausing)."
     )
     trained_tokens: int | None
     training_file: str
@@ -78,8 +80,8 @@ class FineTuningJobObject(_SHOWN_OPTIONS):
         "`gradient_accumulation_steps` it resolved (`hyperparameters` holds OpenAI's three).",
     )
     status_detail: str = Field(
-        description="Grove extension: Grove's own status, which is `status` except `cancelling` (a cancel asked, "
-        "the worker stopping)."
+        description="Grove extension: Grove's own status, which is `status` except `cancelling` and `pausing` (a "
+        "cancel or pause asked, the worker stopping)."
     )
     started_at: int | None = None
     progress: Progress
@@ -144,8 +146,8 @@ class FineTuningJobEventObject(JobEventObject):
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     type: Literal["message", "metrics"] = Field("message", description="OpenAI's coarse type.")
     event_type: str = Field(
-        description="Grove extension: created, queued, started, metrics, checkpoint, cancelling, "
-        "succeeded, failed, cancelled, requeued, warning or info."
+        description="Grove extension: created, queued, started, metrics, checkpoint, cancelling, pausing, "
+        "paused, succeeded, failed, cancelled, requeued, warning or info."
     )
 
     @classmethod

@@ -244,3 +244,15 @@ def test_an_evaluation_metric_objective_scores_each_trial_with_an_evaluation_job
     assert evaluation["status"] == "succeeded"
     assert trial["state"] == "complete"
     assert trial["objective"] == evaluation["result"]["targets"][0]["metrics"]["accuracy"]
+
+
+def test_a_trial_cannot_be_paused(tenant):
+    sweep = tenant.create({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3}}, strategy="random")
+    advance(sweep["id"])
+    trial = tenant.get(f"/v1/sweeps/{sweep['id']}").json()["trials"][0]["fine_tuning_job"]
+    response = tenant.post(f"/v1/fine_tuning/jobs/{trial}/pause", {})
+    assert response.status_code == 409
+    message = response.json()["error"]["message"]
+    assert trial in message and sweep["id"] in message and "cannot be paused" in message
+    assert tenant.get(f"/v1/fine_tuning/jobs/{trial}").json()["status"] == "queued"
+    tenant.post(f"/v1/sweeps/{sweep['id']}/cancel", {})

@@ -73,6 +73,7 @@ NOTHING_DONE = {
     "requeued": 0,
     "failed": 0,
     "cancelled": 0,
+    "paused": 0,
     "republished": 0,
     "sweeps": 0,
     "temp_files": 0,
@@ -132,6 +133,73 @@ def test_heartbeat_sees_cancel(job_id, client, auth):
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth).json()["status_detail"] == "cancelling"
     lease.beat()
     assert lease.cancel_requested.is_set() and lease.should_stop
+
+
+def test_heartbeat_sees_pause_and_it_is_no_stop(job_id, client, auth):
+    lease = claim(job_id)
+    lease.beat()
+    response = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=auth)
+    # OpenAI's enum has no `pausing`: shown running until the worker lets go; the event says pausing.
+    assert response.status_code == 200 and response.json()["status"] == "running"
+    assert events(job_id)[-1] == "pausing"
+    lease.beat()
+    assert lease.pause_requested.is_set() and not lease.should_stop
+    # The worker checkpointed and lets go: paused, no lease, the attempt given back.
+    from worker.stage_kit import confirm_paused
+
+    assert confirm_paused(job_id, lease, 3)
+    lease.beat()
+    assert lease.lost.is_set()
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()
+    assert job["status"] == "paused"
+    with session_scope() as session:
+        row = session.get(Job, job_id)
+        assert (row.lease_owner, row.attempts) == (None, 0)
+
+
+def test_resume_publishes_the_job_again(job_id, client, auth, queue):
+    before = queue()
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=auth).json()["status"] == "paused"
+    assert claim(job_id) is None  # the message already sent finds it paused
+    resumed = client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=auth)
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    assert queue() == before + 1
+    again = client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=auth)
+    assert again.status_code == 409
+    error = again.json()["error"]
+    assert job_id in error["message"] and "not paused" in error["message"]
+    assert error["param"] == "fine_tuning_job_id"
+    assert claim(job_id) is not None
+
+
+@pytest.mark.usefixtures("own_database")
+def test_reconciler_leaves_a_paused_job_alone(queue, job_id, client, auth):
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=auth).json()["status"] == "paused"
+    with session_scope() as session:
+        # Long ago and never dispatched, as a lost queued job would be: still not republished.
+        session.execute(
+            update(Job).where(Job.id == job_id).values(dispatched_at=None, created_at=utcnow() - timedelta(hours=1))
+        )
+    before = queue()
+    assert reconcile_once() == NOTHING_DONE
+    assert queue() == before
+    with session_scope() as session:
+        assert session.get(Job, job_id).status == JobStatus.paused
+
+
+@pytest.mark.usefixtures("own_database")
+def test_reconciler_pauses_a_pausing_job_whose_worker_died(queue, job_id, client, auth):
+    claim(job_id)
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=auth)
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    before = queue()
+    assert reconcile_once() == NOTHING_DONE | {"paused": 1}
+    assert queue() == before
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job.status == JobStatus.paused and job.lease_owner is None
+    assert events(job_id)[-2:] == ["pausing", "paused"]
 
 
 def test_reconciler_removes_temp_files_abandoned_by_a_crash(client, tmp_path, monkeypatch):

@@ -16,8 +16,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 
 
 class RecordingHooks:
-    def __init__(self, stop_after: int | None = None):
+    def __init__(self, stop_after: int | None = None, pause_after: int | None = None):
         self.stop_after = stop_after  # answer True on this call of should_stop (1-based)
+        self.pause_after = pause_after  # answer True on this call of should_pause (1-based)
+        self.pause_calls = 0
         self.started: tuple[int, dict] | None = None
         self.metrics: list[tuple[int, int, dict]] = []
         self.checkpoints: list[tuple[int, Path, dict]] = []
@@ -41,6 +43,10 @@ class RecordingHooks:
     def should_stop(self) -> bool:
         self.stop_calls += 1
         return self.stop_after is not None and self.stop_calls >= self.stop_after
+
+    def should_pause(self) -> bool:
+        self.pause_calls += 1
+        return self.pause_after is not None and self.pause_calls >= self.pause_after
 
 
 def chat_examples(n: int) -> list[ChatExample]:

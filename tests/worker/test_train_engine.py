@@ -142,6 +142,52 @@ def test_bf16_resume_restores_the_fp32_master_weights(tiny_model_dir, tmp_path):
     assert_same(adapter_of(resumed), adapter_of(reference))
 
 
+TIMING = {"tokens_per_second", "eta_seconds", "peak_memory_mb"}
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def test_a_paused_run_resumes_to_the_weights_and_losses_of_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    """Paused between two checkpoints (step 3), then at a checkpoint (step 4), then run to the end: the same
+    adapter, losses, metrics and kept checkpoints as one run. Dropout and gradient accumulation make the RNG
+    state and the step boundary matter."""
+    from worker.checkpoints import is_pause_checkpoint
+
+    settings = {"examples": chat_examples(16), "valid": chat_examples(24)[16:], "seed": 5, "save_every_steps": 4}
+    settings |= {"hyperparameters": {"batch_size": 4, "n_epochs": 2}, "gradient_accumulation_steps": 2}
+    settings |= {"adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}}
+    reference, reference_hooks = run(tiny_model_dir, tmp_path / "ref", **settings)
+    assert reference.steps == 8 and not reference.paused
+
+    work = tmp_path / "job"
+    first, first_hooks = run(tiny_model_dir, work, RecordingHooks(pause_after=3), **settings)
+    assert first.paused and first.stopped and first.steps == 3
+    assert checkpoint_steps(work) == [3] and is_pause_checkpoint(work, 3)
+    assert [c[0] for c in first_hooks.checkpoints] == []  # a pause checkpoint is not published
+    assert first_hooks.events[-1][2] == {"step": 3}
+
+    second, second_hooks = run(tiny_model_dir, work, RecordingHooks(pause_after=1), **settings)
+    assert second.paused and second.resumed_from == 3 and second.steps == 4
+    # Step 4 has its regular checkpoint: that is what the pause keeps, and the pause checkpoint at 3 is pruned.
+    assert checkpoint_steps(work) == [4] and not is_pause_checkpoint(work, 4)
+    assert "Resumed from where the job paused, after step 3" in second_hooks.events[0][1]
+
+    third, third_hooks = run(tiny_model_dir, work, **settings)
+    assert not third.paused and not third.stopped and third.resumed_from == 4 and third.steps == 8
+    assert_same(adapter_of(third), adapter_of(reference))
+    assert (third.train_loss, third.valid_loss, third.trained_tokens) == (
+        reference.train_loss,
+        reference.valid_loss,
+        reference.trained_tokens,
+    )
+    assert without_timing(third.metrics_rows) == without_timing(reference.metrics_rows)
+    reported = [(s, without_timing([m])) for h in (first_hooks, second_hooks, third_hooks) for s, _, m in h.metrics]
+    assert reported == [(s, without_timing([m])) for s, _, m in reference_hooks.metrics]
+    assert checkpoint_steps(work) == checkpoint_steps(tmp_path / "ref")
+
+
 def test_attention_for_the_device_and_length():
     from worker.model_setup import FP32_ATTENTION, attention_for
 
