@@ -4,6 +4,11 @@ Same settings as the other runs of `make bench-train`: every row rendered by the
 cut at max_seq_len, padded per batch (DataCollatorForLanguageModeling), loss on every token, fp32, AdamW, linear
 schedule. Writes the adapter to OUT and a JSON line of timings to stdout.
 
+`--bf16` is the same script as a team would write it for a GPU: the model loaded in bfloat16 and `bf16=True`.
+`--skip-steps K` adds what scripts/gpu-check compares on: the non-padding tokens of steps K+1.. over the wall
+time from the end of step K to the end of the last step (measured by a callback that only reads the clock, after
+a CUDA synchronize), and the peak CUDA memory allocated.
+
 Usage: python bench/train_trainer.py MODEL_DIR TRAIN_JSONL OUT [--epochs 1 --batch-size 8 --lr 5e-4 ...]
 """
 
@@ -31,6 +36,8 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--alpha", type=int, default=32)
     parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
+    parser.add_argument("--bf16", action="store_true", help="load the model in bfloat16 and train with bf16=True")
+    parser.add_argument("--skip-steps", type=int, default=None, help="report steady tokens/s after these steps")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -41,6 +48,7 @@ def main() -> None:
         AutoTokenizer,
         DataCollatorForLanguageModeling,
         Trainer,
+        TrainerCallback,
         TrainingArguments,
     )
 
@@ -54,7 +62,7 @@ def main() -> None:
     dataset = [{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]} for f in features]
     tokens = sum(len(f["input_ids"]) for f in features)
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -78,26 +86,51 @@ def main() -> None:
         use_cpu=not torch.cuda.is_available(),
         seed=42,
         disable_tqdm=True,
+        bf16=args.bf16,
     )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    batch_tokens: list[int] = []  # non-padding tokens of each batch, in the order the steps take them
+    step_ends: list[float] = []
+
+    def counting_collator(features):
+        batch = collator(features)
+        batch_tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_ends.append(time.perf_counter())
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        data_collator=counting_collator if args.skip_steps is not None else collator,
+        callbacks=[StepClock()] if args.skip_steps is not None else None,
     )
     result = trainer.train()
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    print(
-        json.dumps(
-            {
-                "seconds": time.perf_counter() - started,
-                "train_seconds": result.metrics["train_runtime"],
-                "tokens": tokens,
-                "train_loss": result.metrics["train_loss"],
-            }
-        )
-    )
+    report = {
+        "seconds": time.perf_counter() - started,
+        "train_seconds": result.metrics["train_runtime"],
+        "tokens": tokens,
+        "train_loss": result.metrics["train_loss"],
+    }
+    if args.skip_steps is not None:
+        skip = max(1, min(args.skip_steps, len(step_ends) - 1))  # the first step carries the warm-up
+        report |= {
+            "steps": len(step_ends),
+            "steady_steps": len(step_ends) - skip,
+            "steady_tokens": sum(batch_tokens[skip : len(step_ends)]),
+            "steady_seconds": step_ends[-1] - step_ends[skip - 1],
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        }
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
