@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-load-ab bench-export bench-eval bench-reference bench-ecosystem bench-sweep bench-train bench-limits chaos fuzz clean
+.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-load-ab bench-export bench-eval bench-reference bench-ecosystem bench-sweep bench-train bench-limits bench-polling gpu-check chaos fuzz clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -95,6 +95,16 @@ bench-load: install
 # Interleaved A/B of status polling between two trees or settings: make bench-load-ab A=/tmp/old B=. [ROUNDS=4]
 bench-load-ab: install test-models
 	$(PY) bench/load_ab.py "$(A)" "$(B)" --rounds $(or $(ROUNDS),4)
+
+# Status polling against a bare uvicorn + FastAPI app returning a document of the same size, interleaved turns in
+# one run (bench/polling_ratio.py, its own PostgreSQL and Redis; needs wrk). Goal: >= 0.5x its req/s, p99 <= 2x.
+bench-polling: install test-models
+	$(PY) bench/polling_ratio.py --rounds $(or $(ROUNDS),3)
+
+# The GPU check (docs/BENCHMARKS.md, GPU): Grove LoRA/QLoRA against the Trainer on one CUDA card, a CUDA export.
+# DRY_RUN=1 runs the same code on the CPU with tiny-llama-test; on a lent GPU machine run scripts/gpu-check.sh.
+gpu-check: install $(if $(DRY_RUN),test-models,models)
+	$(PY) scripts/gpu-check $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
 
 # Latency of status polling without and with the per-key rate limit (Redis), for docs/RELIABILITY.md (Security).
 bench-limits: install
