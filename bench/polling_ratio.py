@@ -32,6 +32,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import api_latency  # bench/api_latency.py, beside this script
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,6 +74,7 @@ def milliseconds(value: str) -> float:
 
 
 def serve(app: str, app_dir: Path, port: int, env: dict, log) -> subprocess.Popen:
+    env = env | {"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(dir=Path(env["GROVE_STORAGE_DIR"]).parent)}
     command = [str(BIN / "uvicorn"), app, "--app-dir", str(app_dir), "--port", str(port), *UVICORN_ARGS]
     process = subprocess.Popen(command, cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(150):
@@ -91,9 +93,11 @@ def turn(url: str, key: str, script: Path) -> dict:
             client.get(url).raise_for_status()
     command = [*WRK, "-s", str(script), "-H", f"Authorization: Bearer {key}", url]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise SystemExit(f"wrk saw errors:\n{out}")
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk saw error answers:\n{out}")
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {
+        "socket_errors": sum(int(n) for n in socket_errors.groups()) if socket_errors else 0,  # timeouts: over 2 s
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50_ms": milliseconds(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),
         "p99_ms": float(re.search(r"^P99 ([\d.]+)", out, re.M).group(1)),
@@ -122,9 +126,7 @@ def main() -> None:
             "GROVE_RUN_RECONCILER": "false",
             "GROVE_RUN_WEBHOOK_SENDER": "false",
             "GROVE_RATE_LIMIT": "off",
-            "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prometheus"),
         }
-        (tmp / "prometheus").mkdir()
         subprocess.run([str(BIN / "alembic"), "upgrade", "head"], cwd=REPO, env=env, check=True, capture_output=True)
         os.environ.update(env)
         from api.services.keys import create_key, get_or_create_project
@@ -162,14 +164,18 @@ def main() -> None:
                 process = serve(*sides[name], port, env, log)
                 try:
                     sizes[name] = len(httpx.get(url, headers=auth).content)
-                    turns[name].append(turn(url, key, script))
+                    turns[name].append(turn(url, key, script) | {"load": os.getloadavg()[0]})
+                    if name == "grove":  # inside the app: tells a slow answer from one that waited outside it
+                        turns[name][-1]["in_app"] = api_latency.describe(base, "/v1/fine_tuning/jobs/{job_id}")
                 finally:
                     process.terminate()
                     process.wait()
                 figures = turns[name][-1]
                 print(
                     f"{name}: {figures['rps']:,.0f} req/s, p50 {figures['p50_ms']:.1f} ms, "
-                    f"p99 {figures['p99_ms']:.1f} ms",
+                    f"p99 {figures['p99_ms']:.1f} ms, {figures['socket_errors']} socket errors; "
+                    f"load average {figures['load']:.1f}"
+                    + (f"; the API's own answers: {figures['in_app']}" if "in_app" in figures else ""),
                     flush=True,
                 )
         medians = {
