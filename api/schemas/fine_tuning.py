@@ -72,7 +72,7 @@ class FineTuningJobObject(BaseModel):
             fine_tuned_model=job.fine_tuned_model,
             finished_at=unix(job.finished_at),
             hyperparameters=job.hyperparameters,
-            method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
+            method=_method(spec, job.hyperparameters),
             model=job.model,
             organization_id=job.project_id,
             result_files=list(job.result_files or []),
@@ -93,6 +93,14 @@ class FineTuningJobObject(BaseModel):
             result=job.result,
             **_options(spec),
         )
+
+
+def _method(spec: dict, hyperparameters: dict) -> dict:
+    """OpenAI's method object: its type, and the hyperparameters under the type's name (dpo's with beta)."""
+    dpo = spec.get("dpo")
+    if dpo is None:
+        return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+    return {"type": "dpo", "dpo": {"hyperparameters": {**hyperparameters, "beta": dpo["beta"]}}}
 
 
 def _options(spec: dict) -> dict:
