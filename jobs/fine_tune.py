@@ -73,7 +73,8 @@ def _check_method_data(request: CreateFineTuningJob, file: File, param: str) -> 
         )
 
 
-def _check_dpo(request: CreateFineTuningJob, adapter: AdapterConfig) -> None:
+def _check_method(request: CreateFineTuningJob) -> None:
+    """The method's settings sit under its own type's name."""
     if request.method_type != "dpo":
         if request.method and request.method.dpo is not None:
             raise InvalidRequest("method.dpo is given but method.type is supervised.", param="method.dpo")
@@ -84,7 +85,10 @@ def _check_dpo(request: CreateFineTuningJob, adapter: AdapterConfig) -> None:
         raise InvalidRequest(
             "A dpo job takes its hyperparameters in method.dpo.hyperparameters.", param="hyperparameters"
         )
-    if adapter.type == "full":
+
+
+def _check_dpo_adapter(request: CreateFineTuningJob, adapter: AdapterConfig) -> None:
+    if request.method_type == "dpo" and adapter.type == "full":
         # The reference model is the base with the adapter switched off: a full fine-tune has no such switch
         # and would need a second copy of the model.
         raise InvalidRequest(
@@ -237,6 +241,7 @@ def draw_seed() -> int:
 def create(session: Session, project: Project, request: CreateFineTuningJob) -> Job:
     settings = get_settings()
     base = resolve_model(request.model)
+    _check_method(request)
     training = lifecycle.dataset_file(session, project.id, request.training_file, "training_file")
     _check_method_data(request, training, "training_file")
     _check_template(request, training, "training_file")
@@ -248,7 +253,7 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
 
     source = _continued_from(session, project, request, base.name)
     adapter = _check_adapter(request, source, base)
-    _check_dpo(request, adapter)
+    _check_dpo_adapter(request, adapter)
     _check_options(request, validation)
     options = request.model_dump(include=set(TrainingOptions.model_fields) - {"adapter", "max_seq_len"})
     spec_fields = {
