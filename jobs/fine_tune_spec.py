@@ -184,7 +184,7 @@ class TrainingOptions(BaseModel):
 
 
 class FineTuneSpec(TrainingOptions):
-    """Everything the worker needs to run one supervised fine-tune. Version 1."""
+    """Everything the worker needs to run one fine-tune, supervised or DPO. Version 1."""
 
     version: Literal[1] = Field(1, description="Schema version of this spec.")
     model: str = Field(description="Base model name in the model store.")
@@ -203,10 +203,6 @@ class FineTuneSpec(TrainingOptions):
         description="Set for a DPO job (method type dpo): train on preference pairs with the sigmoid DPO loss "
         "instead of the supervised loss. None: supervised.",
     )
-
-    @property
-    def method_type(self) -> str:
-        return "dpo" if self.dpo is not None else "supervised"
 
 
 # Default peak learning rate for adapters when the user gives neither learning_rate nor a multiplier.
