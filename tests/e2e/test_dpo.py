@@ -52,7 +52,7 @@ def test_supervised_then_dpo_from_its_adapter(live, tmp_path):
     job = client.fine_tuning.jobs.create(
         model="tiny-llama-test",
         training_file=upload(client, tmp_path, preference_rows(16), "pairs.jsonl"),
-        validation_file=upload(client, tmp_path, preference_rows(8, offset=1000), "valid-pairs.jsonl"),
+        validation_file=upload(client, tmp_path, preference_rows(10, offset=1000), "valid-pairs.jsonl"),
         seed=2,
         method=dpo(beta=0.2, batch_size=4, n_epochs=1),
         extra_body={"from_job": sft.id, "log_every_steps": 2, "learning_rate": 5e-3},
