@@ -60,8 +60,9 @@ bench-walkthrough: install migrate models
 bench-train: install models
 	flock /tmp/grove-heavy.lock $(PY) bench/train_bench.py $(BENCH_ARGS)
 
-# DPO (~20 min): SFT on 2,000 emotion rows, then DPO from that adapter with Grove and with TRL's DPOTrainer on the
-# same pairs; reward and label accuracy before and after; writes the DPO section of docs/BENCHMARKS.md.
+# DPO: SFT on 2,000 emotion rows, then DPO from that adapter with Grove and with TRL's DPOTrainer on the same
+# pairs; reward and label accuracy before and after; writes the DPO section of docs/BENCHMARKS.md. Long on a
+# CPU (fp32 there; a smoke run: BENCH_ARGS="--model tiny-llama-test --rows 16 --no-write").
 bench-dpo: install models
 	flock /tmp/grove-heavy.lock $(PY) bench/dpo_bench.py $(BENCH_ARGS)
 

@@ -9,10 +9,10 @@ The preference set is built from emotion/train.jsonl by one rule (preference_pai
 
 Steps (one process, the same threads for every run):
 1. SFT: the first --sft-rows rows as chat examples (PROMPT, then the label), LoRA r=16 alpha=32 on q/k/v/o,
-   one epoch, batch 8, lr 5e-4, bf16, with Grove's trainer (worker.train.train_adapter, what a worker runs);
-2. Grove DPO from that adapter: the next --pairs rows as pairs, beta 0.1, one epoch, batch 8, lr --dpo-lr, fp32;
+   one epoch, batch 8, lr 5e-4, with Grove's trainer (worker.train.train_adapter, what a worker runs);
+2. Grove DPO from that adapter: the next --pairs rows as pairs, beta 0.1, one epoch, batch 8, lr --dpo-lr;
 3. TRL 1.16 DPOTrainer from the same adapter on the same pairs, tokenized by Grove (the token ids are handed to
-   it), same batch, epochs, lr, schedule, beta and fp32, reference the base with the adapter off as in Grove.
+   it), same batch, epochs, lr, schedule, beta and precision, reference the base with the adapter off as in Grove.
    Its timing is of trainer.train() alone; Grove's includes loading the model, tokenizing and checkpointing;
 4. every model scored the same way: label accuracy (greedy generation, first word = label) on the first
    --val-rows rows of val.jsonl; reward accuracy (beta x log-ratio to the base, preferred above non-preferred)
@@ -184,7 +184,9 @@ def reward_accuracy(model, tokenizer, pair_rows: list[dict]) -> dict:
 # --- runs ----------------------------------------------------------------------------------------------------
 
 
-def trl_dpo(model_dir: Path, sft_dir: Path, tokenizer, pair_rows: list[dict], lr: float, work: Path) -> dict:
+def trl_dpo(
+    model_dir: Path, sft_dir: Path, tokenizer, pair_rows: list[dict], lr: float, work: Path, precision: str
+) -> dict:
     """TRL's DPOTrainer from the supervised adapter on Grove's token ids; (seconds, adapter dir)."""
     import torch
     from datasets import Dataset
@@ -221,7 +223,7 @@ def trl_dpo(model_dir: Path, sft_dir: Path, tokenizer, pair_rows: list[dict], lr
         loss_type=["sigmoid"],
         max_length=None,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=precision == "bf16",
         use_cpu=True,
         report_to=[],
         save_strategy="no",
@@ -249,11 +251,25 @@ def main() -> None:
     parser.add_argument("--val-rows", type=int, default=300)
     parser.add_argument("--dpo-lr", type=float, default=5e-5)
     parser.add_argument("--rows", type=int, help="shrink every set to this many rows (a smoke run)")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="of every run; auto: bf16 on a CUDA device that has it, else fp32 (bf16 on a CPU without AVX512-BF16 "
+        "or AMX is emulated, several times slower)",
+    )
+    parser.add_argument("--sft-adapter", type=Path, help="reuse the SFT adapter of an earlier run of this script")
+    parser.add_argument("--sft-seconds", type=float, help="with --sft-adapter: its training time, for the table")
+    parser.add_argument("--out", type=Path, default=OUT, help="work and results directory")
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.rows:
         args.sft_rows = args.pairs = args.heldout = args.val_rows = args.rows
+    if args.precision == "auto":
+        import torch
+
+        args.precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
     from transformers import AutoTokenizer
 
@@ -283,29 +299,27 @@ def main() -> None:
 
     from models.datasets import ChatExample
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"settings": vars(args), "runs": {}}
     sft_examples = [
         ChatExample(messages=[*messages(r["text"]), {"role": "assistant", "content": r["label"]}]) for r in sft_rows
     ]
-    started = time.perf_counter()
-    hooks = Hooks()
-    # bf16 (Grove's fast CPU path, docs/BENCHMARKS.md Training): the SFT run only prepares the starting adapter.
-    sft_spec = spec(args.model, learning_rate=5e-4, mixed_precision="bf16")
-    sft = train_adapter(sft_spec, model_dir, sft_examples, None, OUT / "sft", hooks, resume=False)
-    results["runs"]["sft"] = {"seconds": time.perf_counter() - started, "train_loss": sft.train_loss}
-    print("sft", results["runs"]["sft"], flush=True)
+    if args.sft_adapter:
+        sft_dir = args.sft_adapter
+        results["runs"]["sft"] = {"seconds": args.sft_seconds, "reused": str(sft_dir)}
+    else:
+        sft_dir = supervised(args, model_dir, sft_examples, results)
 
     started = time.perf_counter()
     hooks = Hooks()
     grove = train_adapter(
-        spec(args.model, learning_rate=args.dpo_lr, dpo={"beta": BETA}),
+        spec(args.model, learning_rate=args.dpo_lr, dpo={"beta": BETA}, mixed_precision=args.precision),
         model_dir,
         dpo_pairs,
         None,
-        OUT / "grove-dpo",
+        args.out / "grove-dpo",
         hooks,
-        init_dir=sft.adapter_dir,
+        init_dir=sft_dir,
         resume=False,
     )
     results["runs"]["grove_dpo"] = {
@@ -316,9 +330,9 @@ def main() -> None:
     }
     print("grove dpo", results["runs"]["grove_dpo"], flush=True)
 
-    adapters = {"base": None, "sft": sft.adapter_dir, "grove_dpo": grove.adapter_dir}
+    adapters = {"base": None, "sft": sft_dir, "grove_dpo": grove.adapter_dir}
     if not args.no_trl:
-        trl = trl_dpo(model_dir, sft.adapter_dir, tokenizer, train_pairs, args.dpo_lr, OUT)
+        trl = trl_dpo(model_dir, sft_dir, tokenizer, train_pairs, args.dpo_lr, args.out, args.precision)
         results["runs"]["trl_dpo"] = {"seconds": trl["seconds"], "train_loss": trl["train_loss"]}
         adapters["trl_dpo"] = trl["adapter_dir"]
         print("trl dpo", results["runs"]["trl_dpo"], flush=True)
@@ -333,15 +347,30 @@ def main() -> None:
         print(name, scores[name], flush=True)
     results["scores"] = scores
     results["pairs"] = {"train": len(train_pairs), "heldout": len(heldout), "val": len(val_pairs)}
-    (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     if not args.no_write:
         write_section(results, args)
+
+
+def supervised(args, model_dir: Path, sft_examples: list, results: dict) -> Path:
+    from worker.train import train_adapter
+
+    started = time.perf_counter()
+    hooks = Hooks()
+    sft_spec = spec(args.model, learning_rate=5e-4, mixed_precision=args.precision)
+    sft = train_adapter(sft_spec, model_dir, sft_examples, None, args.out / "sft", hooks, resume=False)
+    results["runs"]["sft"] = {"seconds": time.perf_counter() - started, "train_loss": sft.train_loss}
+    print("sft", results["runs"]["sft"], flush=True)
+    return sft.adapter_dir
 
 
 def write_section(results: dict, args) -> None:
     runs, scores = results["runs"], results["scores"]
     pairs = results["pairs"]
     n_pairs = pairs["train"]
+
+    def seconds(value: float | None) -> str:
+        return "" if value is None else f"{value:.0f} s"
 
     def speed(name: str) -> str:
         return f"{runs[name]['seconds']:.0f} s ({n_pairs / runs[name]['seconds']:.2f} pairs/s)" if name in runs else ""
@@ -352,7 +381,7 @@ def write_section(results: dict, args) -> None:
 
     rows = [
         ("base model", "", "base", ""),
-        (f"SFT, Grove ({args.sft_rows} rows, 1 epoch)", f"{runs['sft']['seconds']:.0f} s", "sft", ""),
+        (f"SFT, Grove ({args.sft_rows} rows, 1 epoch)", seconds(runs["sft"]["seconds"]), "sft", ""),
         (
             "DPO from the SFT adapter, Grove",
             speed("grove_dpo"),
@@ -391,7 +420,7 @@ def write_section(results: dict, args) -> None:
             f"`make bench-dpo` — {today}, {platform.machine()} CPU, no GPU, one process (bench/dpo_bench.py). "
             f"{args.model}; SFT on the first {args.sft_rows} rows of emotion/train.jsonl as chat (the prompt, then "
             f"the label), then DPO from that adapter on the next {n_pairs} rows as pairs, beta {BETA}, batch {BATCH}, "
-            f"1 epoch, lr {args.dpo_lr}, LoRA r=16 alpha=32 on q/k/v/o, fp32 (the SFT run bf16). "
+            f"1 epoch, lr {args.dpo_lr}, LoRA r=16 alpha=32 on q/k/v/o, {args.precision}. "
             "Pairs by the rule in bench/dpo_bench.py: "
             "preferred = the label alone; non-preferred = another label (even rows) or a rambling sentence naming "
             "another label (odd rows). Reward accuracy: beta x log-ratio to the base, preferred above non-preferred "
