@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-load-ab bench-export bench-eval bench-reference bench-ecosystem bench-sweep bench-train bench-limits bench-polling gpu-check chaos fuzz clean
+.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-load-ab bench-export bench-eval bench-reference bench-ecosystem bench-sweep bench-train bench-dpo bench-limits bench-polling gpu-check chaos fuzz clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -59,6 +59,12 @@ bench-walkthrough: install migrate models
 # the API: smollm2-135m-instruct, 2,000 emotion rows; writes the Training section of docs/BENCHMARKS.md (~30 min).
 bench-train: install models
 	flock /tmp/grove-heavy.lock $(PY) bench/train_bench.py $(BENCH_ARGS)
+
+# DPO: SFT on 2,000 emotion rows, then DPO from that adapter with Grove and with TRL's DPOTrainer on the same
+# pairs; reward and label accuracy before and after; writes the DPO section of docs/BENCHMARKS.md. Long on a
+# CPU (fp32 there; a smoke run: BENCH_ARGS="--model tiny-llama-test --rows 16 --no-write").
+bench-dpo: install models
+	flock /tmp/grove-heavy.lock $(PY) bench/dpo_bench.py $(BENCH_ARGS)
 
 # ONNX export of smollm2-135m-instruct + emotion adapters: export time, size, tokens/s and accuracy against
 # PyTorch, adapter switching, Olive when importable (see docs/BENCHMARKS.md). One heavy run at a time.

@@ -78,6 +78,10 @@ def _as_chat(prompt: str, completion: str) -> ChatExample:
     )
 
 
+def preferred_conversation(record: dict) -> list[dict]:
+    return [*record["input"]["messages"], *record["preferred_output"]]
+
+
 def read_items(path: Path, settings: EvaluationSettings) -> list[EvalItem]:
     """Every scored example of the file (the first `max_examples`); raises a 400 naming a bad line."""
     items: list[EvalItem] = []
@@ -87,13 +91,14 @@ def read_items(path: Path, settings: EvaluationSettings) -> list[EvalItem]:
             break
         index = len(items)
         shape = _shape_of(record)
-        if shape == "chat":
+        if shape in ("chat", "preference"):
             if settings.text_template:
                 raise InvalidRequest(
-                    "text_template applies only to files of arbitrary fields; the evaluation_file is chat data.",
+                    f"text_template applies only to files of arbitrary fields; the evaluation_file is {shape} data.",
                     param="text_template",
                 )
-            messages = record["messages"]
+            # A preference pair is scored as the conversation ending in its preferred reply.
+            messages = record["messages"] if shape == "chat" else preferred_conversation(record)
             if not messages or messages[-1].get("role") != "assistant":
                 raise DatasetError(
                     "the last message must be the assistant's: it is the reference the model is scored against",

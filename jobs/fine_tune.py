@@ -53,6 +53,51 @@ def _check_template(request: CreateFineTuningJob, file: File, param: str) -> Non
         )
 
 
+def _check_method_data(request: CreateFineTuningJob, file: File, param: str) -> None:
+    """A dpo job trains on preference pairs only, a supervised job on anything else. Every line of an uploaded
+    file has the shape of its first example (checked at upload), so the first line is the one to name."""
+    dpo = request.method_type == "dpo"
+    if dpo and file.data_format != "preference":
+        raise InvalidRequest(
+            f"line 1 of the {param} ({file.id}) is a {file.data_format} example; a dpo job needs preference "
+            'examples: {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}], '
+            '"non_preferred_output": [...]}.',
+            param=param,
+        )
+    if not dpo and file.data_format == "preference":
+        raise InvalidRequest(
+            f"line 1 of the {param} ({file.id}) is a preference example (input, preferred_output, "
+            'non_preferred_output); train on it with method {"type": "dpo"}, or give chat or prompt/completion '
+            "data for supervised fine-tuning.",
+            param=param,
+        )
+
+
+def _check_method(request: CreateFineTuningJob) -> None:
+    """The method's settings sit under its own type's name."""
+    if request.method_type != "dpo":
+        if request.method and request.method.dpo is not None:
+            raise InvalidRequest("method.dpo is given but method.type is supervised.", param="method.dpo")
+        return
+    if request.method.supervised is not None:
+        raise InvalidRequest("method.supervised is given but method.type is dpo.", param="method.supervised")
+    if request.hyperparameters is not None:
+        raise InvalidRequest(
+            "A dpo job takes its hyperparameters in method.dpo.hyperparameters.", param="hyperparameters"
+        )
+
+
+def _check_dpo_adapter(request: CreateFineTuningJob, adapter: AdapterConfig) -> None:
+    if request.method_type == "dpo" and adapter.type == "full":
+        # The reference model is the base with the adapter switched off: a full fine-tune has no such switch
+        # and would need a second copy of the model.
+        raise InvalidRequest(
+            "adapter.type full is not offered with method dpo: the reference model is the base model with the "
+            "adapter switched off; use lora, qlora or dora.",
+            param="adapter.type",
+        )
+
+
 def _weight_shapes(model_dir: Path) -> dict[str, list[int]]:
     """Tensor name -> shape, read from the safetensors headers (no weights loaded, no torch)."""
     shapes: dict[str, list[int]] = {}
@@ -195,16 +240,20 @@ def draw_seed() -> int:
 def create(session: Session, project: Project, request: CreateFineTuningJob) -> Job:
     settings = get_settings()
     base = resolve_model(request.model)
+    _check_method(request)
     training = lifecycle.dataset_file(session, project.id, request.training_file, "training_file")
+    _check_method_data(request, training, "training_file")
     _check_template(request, training, "training_file")
     validation = None
     if request.validation_file:
         validation = lifecycle.dataset_file(session, project.id, request.validation_file, "validation_file")
+        _check_method_data(request, validation, "validation_file")
         _check_template(request, validation, "validation_file")
 
     continued = _continued_from(session, project, request, base.name)
     source = continued[0] if continued else None
     adapter = _check_adapter(request, source, base)
+    _check_dpo_adapter(request, adapter)
     _check_options(request, validation)
     options = request.model_dump(include=set(TrainingOptions.model_fields) - {"adapter", "max_seq_len"})
     spec_fields = {
@@ -217,6 +266,7 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
         "max_seq_len": min(FineTuneSpec.model_fields["max_seq_len"].default, base.context_length),
         "export": check_chained_export(request.export, adapter),
         "evaluation": evaluation.check_follow_up(request.evaluation, validation, request.text_template),
+        "dpo": request.dpo_settings(),
     }
     if continued and continued[1]:
         spec_fields["from_checkpoint"] = continued[1]  # the id, whichever name the request gave
@@ -240,7 +290,7 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
         training_file_id=training.id,
         validation_file_id=validation.id if validation else None,
         spec=spec.model_dump(mode="json"),
-        hyperparameters=spec.hyperparameters.model_dump(mode="json"),
+        hyperparameters=spec.hyperparameters.model_dump(mode="json") | ({"beta": spec.dpo.beta} if spec.dpo else {}),
         suffix=request.suffix,
         user_metadata=request.metadata,
     )

@@ -64,6 +64,27 @@ class Hyperparameters(BaseModel):
     )
 
 
+DEFAULT_DPO_BETA = 0.1
+
+
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones plus beta."""
+
+    beta: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = Field(
+        AUTO,
+        description="How far the trained model may move from the reference (the base with the adapter "
+        f"switched off): larger keeps it closer. auto: {DEFAULT_DPO_BETA}.",
+    )
+
+
+class DpoSettings(BaseModel):
+    """What a DPO job's spec adds to a supervised one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(DEFAULT_DPO_BETA, gt=0, description="DPO's beta, resolved (auto: 0.1).")
+
+
 class TrainingOptions(BaseModel):
     """Grove's training settings beyond OpenAI's: accepted as-is by the create request (extension fields)
     and stored in the spec."""
@@ -167,7 +188,7 @@ class TrainingOptions(BaseModel):
 
 
 class FineTuneSpec(TrainingOptions):
-    """Everything the worker needs to run one supervised fine-tune. Version 1."""
+    """Everything the worker needs to run one fine-tune, supervised or DPO. Version 1."""
 
     version: Literal[1] = Field(1, description="Schema version of this spec.")
     model: str = Field(description="Base model name in the model store.")
@@ -180,6 +201,11 @@ class FineTuneSpec(TrainingOptions):
     )
     evaluation: EvaluationSettings | None = Field(
         None, description="Evaluate base model vs adapter on the validation file when the job succeeds (a child job)."
+    )
+    dpo: DpoSettings | None = Field(
+        None,
+        description="Set for a DPO job (method type dpo): train on preference pairs with the sigmoid DPO loss "
+        "instead of the supervised loss. None: supervised.",
     )
 
 
@@ -255,10 +281,22 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters = Field(
+        default_factory=DpoHyperparameters, description="beta and the supervised hyperparameters."
+    )
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = Field("supervised", description="Only supervised fine-tuning is offered.")
-    supervised: SupervisedMethod | None = None
+    type: Literal["supervised", "dpo"] = Field(
+        "supervised",
+        description="supervised: learn the assistant replies of chat or prompt/completion data; dpo: direct "
+        "preference optimization on preference pairs.",
+    )
+    supervised: SupervisedMethod | None = Field(None, description="Settings of a supervised job.")
+    dpo: DpoMethod | None = Field(None, description="Settings of a dpo job.")
 
 
 class CreateFineTuningJob(TrainingOptions, RequestBody):
@@ -290,7 +328,21 @@ class CreateFineTuningJob(TrainingOptions, RequestBody):
         None, description="Evaluate on the validation_file on success (a child evaluation job, base vs adapter)."
     )
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method else "supervised"
+
     def effective_hyperparameters(self) -> Hyperparameters:
+        """The supervised hyperparameters (for dpo, those of method.dpo less beta)."""
+        if self.method and self.method.type == "dpo":
+            given = self.method.dpo.hyperparameters if self.method.dpo else DpoHyperparameters()
+            return Hyperparameters(**given.model_dump(exclude={"beta"}))
         if self.method and self.method.supervised:
             return self.method.supervised.hyperparameters
         return self.hyperparameters or Hyperparameters()
+
+    def dpo_settings(self) -> DpoSettings | None:
+        if self.method_type != "dpo":
+            return None
+        beta = self.method.dpo.hyperparameters.beta if self.method.dpo else AUTO
+        return DpoSettings(beta=DEFAULT_DPO_BETA if beta == AUTO else float(beta))

@@ -1,8 +1,10 @@
 """Training data: JSONL validation at upload, and reading examples back in the worker.
 
-Three shapes are accepted, decided by the first example and required of every line after it:
+Four shapes are accepted, decided by the first example and required of every line after it:
 - chat: {"messages": [{"role": ..., "content": ..., "weight": 0|1}, ...]}
 - prompt/completion: {"prompt": "...", "completion": "..."}
+- preference (OpenAI's DPO format): {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant",
+  "content": ...}], "non_preferred_output": [{"role": "assistant", "content": ...}]}
 - fields: any JSON object, rendered to text by the job's `text_template`.
 
 An upload's errors name their lines: the first MAX_LINE_ERRORS of them, and how many more there are. Each error
@@ -23,7 +25,8 @@ from typing import Literal
 
 from models.errors import InvalidRequest
 
-DatasetFormat = Literal["chat", "prompt_completion", "fields"]
+DatasetFormat = Literal["chat", "prompt_completion", "preference", "fields"]
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 MAX_LINE_ERRORS = 20
 MAX_SHOWN = 40
@@ -42,13 +45,22 @@ class PromptCompletionExample:
 
 
 @dataclass(frozen=True)
+class PreferenceExample:
+    """A DPO pair: the conversation so far, and the preferred and non-preferred assistant replies to it."""
+
+    messages: list[dict]
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
 class TextExample:
     """A fields row rendered by a text template; the whole text is trained on."""
 
     text: str
 
 
-Example = ChatExample | PromptCompletionExample | TextExample
+Example = ChatExample | PromptCompletionExample | PreferenceExample | TextExample
 
 
 @dataclass
@@ -105,6 +117,8 @@ class LineErrors:
 
 
 def _shape_of(record: dict) -> DatasetFormat:
+    if any(key in record for key in PREFERENCE_KEYS):
+        return "preference"
     if "messages" in record:
         return "chat"
     if "prompt" in record or "completion" in record:
@@ -132,6 +146,38 @@ def _check_chat(record: dict, line: int) -> None:
         has_assistant = has_assistant or role == "assistant"
     if not has_assistant:
         raise DatasetError("no assistant message", line)
+
+
+def _check_messages(messages: object, where: str, line: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError(f"{where} must be a non-empty list", line)
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DatasetError(f"{where}[{i}] must be an object", line)
+        role = message.get("role")
+        if role not in ROLES:
+            raise DatasetError(
+                f"{where}[{i}] has unknown role {_shown(role)}" if role else f"{where}[{i}] is missing key 'role'", line
+            )
+        if not isinstance(message.get("content"), str):
+            raise DatasetError(f"{where}[{i}] is missing key 'content' (a string)", line)
+
+
+def _check_preference(record: dict, line: int) -> None:
+    for key in PREFERENCE_KEYS:
+        if key not in record:
+            raise DatasetError(f"missing key {key!r} (a preference example has {', '.join(PREFERENCE_KEYS)})", line)
+    prompt = record["input"]
+    if not isinstance(prompt, dict) or "messages" not in prompt:
+        raise DatasetError("'input' must be an object with 'messages'", line)
+    _check_messages(prompt["messages"], "input.messages", line)
+    for key in PREFERENCE_KEYS[1:]:
+        output = record[key]
+        if not isinstance(output, list) or len(output) != 1:
+            raise DatasetError(f"{key!r} must be a list of exactly one assistant message", line)
+        _check_messages(output, key, line)
+        if output[0]["role"] != "assistant":
+            raise DatasetError(f"{key}[0] must have role 'assistant', not {_shown(output[0]['role'])}", line)
 
 
 def _check_prompt_completion(record: dict, line: int) -> None:
@@ -189,6 +235,8 @@ def validate_jsonl(path: Path, min_examples: int) -> DatasetSummary:
                 _check_chat(record, line_no)
             elif shape == "prompt_completion":
                 _check_prompt_completion(record, line_no)
+            elif shape == "preference":
+                _check_preference(record, line_no)
             else:
                 keys = set(record)
                 common_keys = keys if common_keys is None else common_keys & keys
@@ -294,6 +342,13 @@ def read_examples(
         elif shape == "prompt_completion":
             example = PromptCompletionExample(prompt=record["prompt"], completion=record["completion"])
             chars = len(example.prompt) + len(example.completion)
+        elif shape == "preference":
+            example = PreferenceExample(
+                messages=record["input"]["messages"],
+                chosen=record["preferred_output"][0]["content"],
+                rejected=record["non_preferred_output"][0]["content"],
+            )
+            chars = sum(len(m["content"]) for m in example.messages) + len(example.chosen) + len(example.rejected)
         else:
             if parts is None:
                 raise DatasetError("this file has arbitrary fields; the job needs a text_template", line_no)

@@ -318,6 +318,25 @@ def prompt_completion_rows(n: int) -> list[dict]:
     return [{"prompt": f"{r['text']} ->", "completion": f" {r['label']}"} for r in emotion_rows(n)]
 
 
+EMOTION_LABELS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
+
+
+def preference_rows(n: int, offset: int = 0) -> list[dict]:
+    """Emotion rows as DPO pairs (OpenAI's preference format): preferred, the label; non-preferred, the next
+    label in EMOTION_LABELS."""
+    rows = []
+    for r in emotion_rows(n, offset):
+        other = EMOTION_LABELS[(EMOTION_LABELS.index(r["label"]) + 1) % len(EMOTION_LABELS)]
+        rows.append(
+            {
+                "input": {"messages": [{"role": "user", "content": f"Emotion of: {r['text']}"}]},
+                "preferred_output": [{"role": "assistant", "content": r["label"]}],
+                "non_preferred_output": [{"role": "assistant", "content": other}],
+            }
+        )
+    return rows
+
+
 # --- live processes -----------------------------------------------------------------------------
 
 # Redis databases for stacks that bring no broker of their own. 0 is the in-process tests';

@@ -7,6 +7,9 @@ tokens before it (the loss shifts by one), and IGNORE_INDEX marks tokens that ar
   turn's end token (e.g. `<|im_end|>`). The role header (the generation prompt) and everything else is
   context. Message boundaries come from rendering prefixes of the conversation with the chat template.
 - prompt/completion: loss on the completion tokens and a final EOS.
+- preference (DPO): two sequences per pair, the prompt (the chat template over input.messages, with the
+  generation prompt) followed by the preferred or the non-preferred reply through its end token; labels on the
+  reply only. Encoded as two consecutive entries, paired again by finalize_pairs.
 - text: loss on the whole text and a final EOS. A text_template with the completion marker
   (jobs.fine_tune_spec.COMPLETION_MARKER) gives prompt/completion examples instead (read_training_examples).
 
@@ -34,6 +37,7 @@ from models.config import get_settings
 from models.datasets import (
     ChatExample,
     Example,
+    PreferenceExample,
     PromptCompletionExample,
     TextExample,
     example_too_large,
@@ -172,16 +176,38 @@ def _encode(
     return context + target, [IGNORE_INDEX] * len(context) + target
 
 
+def _encode_preference(example: PreferenceExample, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of the preferred, then the non-preferred reply, each after the same prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError("the base model's tokenizer has no chat template")
+    clean = [{k: v for k, v in m.items() if k != "weight"} for m in example.messages]
+    prompt = _render(tokenizer, clean, True)
+    prompt_ids = _token_ids(tokenizer, prompt)
+    encoded = []
+    for reply in (example.chosen, example.rejected):
+        full = _render(tokenizer, [*clean, {"role": "assistant", "content": reply}], False)
+        if not full.startswith(prompt):
+            raise ChatTemplateError("the chat template does not render an assistant turn after its generation prompt")
+        # The reply through its end token; the template's layout after it is neither context nor trained.
+        (generated, _), _ = _assistant_pieces(prompt, full, True)
+        reply_ids = _token_ids(tokenizer, generated)
+        encoded.append((prompt_ids + reply_ids, [IGNORE_INDEX] * len(prompt_ids) + reply_ids))
+    return encoded
+
+
 def encode_examples(
     examples: Sequence[Example], tokenizer, check_stop: StopCheck | None = None
 ) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) of each example, whole (not yet cut to any max_seq_len)."""
+    """(input_ids, labels) of each example, whole (not yet cut to any max_seq_len); two per preference pair."""
     prefix = _special_prefix(tokenizer)
     encoded = []
     for example in examples:
         if check_stop is not None:
             check_stop()
-        encoded.append(_encode(example, tokenizer, prefix, check_stop))
+        if isinstance(example, PreferenceExample):
+            encoded += _encode_preference(example, tokenizer)
+        else:
+            encoded.append(_encode(example, tokenizer, prefix, check_stop))
     return encoded
 
 
@@ -202,6 +228,31 @@ def finalize(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], max_seq_len
         data.rows.append({"input_ids": input_ids, "labels": labels})
         data.n_tokens += len(input_ids)
         data.n_trainable_tokens += n_trainable
+    return data
+
+
+def finalize_pairs(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], max_seq_len: int) -> TokenizedData:
+    """Preference pairs (consecutive entries of encode_examples) as rows: the preferred sequence's input_ids
+    and labels, and the non-preferred one under "rejected". Each is cut to max_seq_len (the pair counted once);
+    a pair that loses every trained token of either reply is skipped."""
+    if len(encoded) % 2:
+        raise ValueError("preference data encodes to pairs of sequences; got an odd number")
+    data = TokenizedData(n_examples=len(encoded) // 2)
+    for i in range(0, len(encoded), 2):
+        pair = []
+        for ids, labs in (encoded[i], encoded[i + 1]):
+            one = finalize([(ids, labs)], max_seq_len)
+            pair.append(one.rows[0] if one.rows else None)
+        cut = any(len(ids) > max_seq_len for ids, _ in encoded[i : i + 2])
+        data.n_truncated += cut
+        if pair[0] is None or pair[1] is None:
+            data.n_skipped += 1
+            continue
+        chosen, rejected = pair
+        data.rows.append({**chosen, "rejected": rejected})
+        for row in pair:
+            data.n_tokens += len(row["input_ids"])
+            data.n_trainable_tokens += sum(label != IGNORE_INDEX for label in row["labels"])
     return data
 
 

@@ -76,6 +76,7 @@ class JobProgress(StageProgress):
         self.project_id = job.project_id
         self.model = job.model
         self.adapter = job.spec.get("adapter")
+        self.dpo = job.spec.get("dpo")
         self.work_dir = work_dir
         self._last_poll = 0.0
 
@@ -90,7 +91,8 @@ class JobProgress(StageProgress):
                     "learning_rate_multiplier": stats.get("learning_rate_multiplier", 1.0),
                     "learning_rate": stats.get("learning_rate"),
                     "gradient_accumulation_steps": stats.get("gradient_accumulation_steps"),
-                },
+                }
+                | ({"beta": self.dpo["beta"]} if self.dpo else {}),
             }
             if resumed is None:
                 values |= {"step": 0, "trained_tokens": 0}
@@ -121,6 +123,8 @@ class JobProgress(StageProgress):
             parts.append(f"training loss={metrics['train_loss']:.4f}")
         if metrics.get("valid_loss") is not None:
             parts.append(f"validation loss={metrics['valid_loss']:.4f}")
+        if metrics.get("valid_rewards/accuracies") is not None:
+            parts.append(f"validation reward accuracy={metrics['valid_rewards/accuracies']:.3f}")
         if metrics.get("tokens_per_second"):
             parts.append(f"{metrics['tokens_per_second']:.0f} tokens/s")
         with session_scope() as session:

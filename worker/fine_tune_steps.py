@@ -33,6 +33,16 @@ METRIC_COLUMNS = [
     "valid_mean_token_accuracy",
     "padding_fraction",
     "peak_memory_mb",
+    # DPO jobs (worker/dpo_step.py), TRL's names; empty for supervised jobs.
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "valid_rewards/chosen",
+    "valid_rewards/rejected",
+    "valid_rewards/margins",
+    "valid_rewards/accuracies",
+    "full_valid_rewards/accuracies",
 ]
 TENSORBOARD_TAGS = {
     "train_loss": "loss/train",
@@ -44,6 +54,12 @@ TENSORBOARD_TAGS = {
     "valid_mean_token_accuracy": "accuracy/valid",
     "padding_fraction": "padding_fraction",
     "peak_memory_mb": "memory/peak_mb",
+    "rewards/chosen": "rewards/chosen",
+    "rewards/rejected": "rewards/rejected",
+    "rewards/margins": "rewards/margins",
+    "rewards/accuracies": "rewards/accuracies",
+    "valid_rewards/margins": "rewards/valid_margins",
+    "valid_rewards/accuracies": "rewards/valid_accuracies",
 }
 
 

@@ -269,6 +269,8 @@ def resolve_compile(spec: FineTuneSpec, device, total_steps: int, gradient_check
             and total_steps >= COMPILE_AUTO_MIN_STEPS
             and spec.adapter.type != "qlora"
             and not gradient_checkpointing
+            # DPO's reference pass switches the adapter off: a second graph per layer, not measured worth it.
+            and spec.dpo is None
         )
     if wanted and device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
         if spec.compile is True:

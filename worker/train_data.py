@@ -14,7 +14,7 @@ from typing import Any
 from jobs.fine_tune_spec import FineTuneSpec
 from models.datasets import DatasetError, Example
 from models.model_store import load_options
-from worker.data import TokenizedData, finalize
+from worker.data import TokenizedData, finalize, finalize_pairs
 from worker.token_cache import encode_cached
 
 VALID_SAMPLE_ROWS = 32  # the "small batch" of the per-log-step valid_loss: about 1 % of a step's time each
@@ -63,22 +63,27 @@ def load_training_data(
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), **load_options(spec.model, weights=False))
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_data, train_cache_hit = _encode(train, tokenizer, cache_dir, spec.max_seq_len)
+    pairs = spec.dpo is not None
+    train_data, train_cache_hit = _encode(train, tokenizer, cache_dir, spec.max_seq_len, pairs)
     if not train_data.rows:
         raise DatasetError(
             f"no training example has a token to train on within max_seq_len={spec.max_seq_len} "
             "(assistant messages all weighted 0, or cut off)",
             param="training_file",
         )
-    valid_data, _ = _encode(valid, tokenizer, cache_dir, spec.max_seq_len)
+    valid_data, _ = _encode(valid, tokenizer, cache_dir, spec.max_seq_len, pairs)
     return TrainingData(tokenizer, pad_token_id, train_data, valid_data, train_cache_hit, time.perf_counter() - started)
 
 
-def _encode(source, tokenizer, cache_dir: Path | None, max_seq_len: int) -> tuple[TokenizedData, bool | None]:
+def _encode(
+    source, tokenizer, cache_dir: Path | None, max_seq_len: int, pairs: bool
+) -> tuple[TokenizedData, bool | None]:
+    """The rows of a source: single sequences, or preference pairs (`pairs`, a DPO run)."""
+    cut = finalize_pairs if pairs else finalize
     if source is None:
-        return finalize([], max_seq_len), None
+        return cut([], max_seq_len), None
     if isinstance(source, DataSource):
         encoded, hit = encode_cached(source.load, tokenizer, cache_dir, source.cache_key, source.check_stop)
-        return finalize(encoded, max_seq_len), hit
+        return cut(encoded, max_seq_len), hit
     encoded, hit = encode_cached(lambda: source, tokenizer, None, None)
-    return finalize(encoded, max_seq_len), None
+    return cut(encoded, max_seq_len), None

@@ -33,6 +33,7 @@ from worker.checkpoints import (
     set_rng_state,
     write_state,
 )
+from worker.dpo_step import DpoTrainer
 from worker.model_setup import peak_memory_mb
 from worker.train_data import TrainingData
 from worker.train_plan import BatchOrder, TrainingPlan
@@ -44,7 +45,17 @@ if TYPE_CHECKING:
 
 
 def _no_sums() -> dict:
-    return {"loss": 0.0, "correct": 0, "targets": 0, "tokens": 0, "positions": 0, "seconds": 0.0}
+    # reward_*: DPO's summed implicit rewards (worker/dpo_step.py); 0 in a supervised run.
+    return {
+        "loss": 0.0,
+        "correct": 0,
+        "targets": 0,
+        "tokens": 0,
+        "positions": 0,
+        "seconds": 0.0,
+        "reward_chosen": 0.0,
+        "reward_rejected": 0.0,
+    }
 
 
 def _round(value: float | None, digits: int = 6) -> float | None:
@@ -90,7 +101,10 @@ class TrainingLoop:
         self.progress = Progress()
         self.resumed_from: int | None = None
         self.paused = False  # the run ended at a pause, its state saved for the next run
-        self.trainer = Trainer(model.setup, data.pad_token_id, hooks)
+        if spec.dpo is not None:
+            self.trainer: Trainer = DpoTrainer(model.setup, data.pad_token_id, hooks, spec.dpo.beta)
+        else:
+            self.trainer = Trainer(model.setup, data.pad_token_id, hooks)
         self.order = BatchOrder(plan, [len(r["input_ids"]) for r in data.train.rows])
         valid_sample, valid_full = data.validation_rows(spec.seed)
         self.valid_sample = plan.eval_micro_batches(valid_sample)
@@ -186,6 +200,8 @@ class TrainingLoop:
         acc["targets"] += n_targets
         acc["tokens"] += n_real
         acc["positions"] += n_positions
+        for key, value in self.trainer.take_sums().items():
+            acc[key] = acc.get(key, 0.0) + value
         self.progress.trained_tokens += n_real
 
     def _log(self, step: int, learning_rate: float, validation: str | None) -> dict[str, Any]:
@@ -194,7 +210,7 @@ class TrainingLoop:
         progress, acc = self.progress, self.progress.acc
         metrics: dict[str, Any] = {
             "train_loss": _round(acc["loss"] / acc["targets"]),
-            "train_mean_token_accuracy": _round(acc["correct"] / acc["targets"]),
+            **self.trainer.train_metrics(acc),
             "valid_loss": None,
             "learning_rate": learning_rate,
             "tokens_per_second": _round(acc["tokens"] / acc["seconds"] if acc["seconds"] > 0 else 0.0, 2),
@@ -205,11 +221,12 @@ class TrainingLoop:
         }
         progress.train_loss = metrics["train_loss"]
         if validation is not None:
-            loss, accuracy = self.trainer.evaluate(self.valid_full if validation == "full" else self.valid_sample)
-            metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = _round(loss), _round(accuracy)
+            loss, measured = self.trainer.evaluate(self.valid_full if validation == "full" else self.valid_sample)
+            metrics["valid_loss"] = _round(loss)
+            metrics |= {f"valid_{name}": value for name, value in measured.items()}
             if validation == "full":
                 progress.valid_loss = metrics["full_valid_loss"] = metrics["valid_loss"]
-                metrics["full_valid_mean_token_accuracy"] = metrics["valid_mean_token_accuracy"]
+                metrics |= {f"full_valid_{name}": value for name, value in measured.items()}
         done_here = step - self._first_step
         elapsed = time.perf_counter() - self._started
         metrics["eta_seconds"] = _round(elapsed / done_here * (self.plan.total_steps - step), 1) if done_here else None

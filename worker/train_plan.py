@@ -108,6 +108,8 @@ class TrainingPlan:
         batch_size = resolve_batch_size(spec, train.n_examples)
         n_epochs = resolve_n_epochs(spec, train.n_examples)
         steps_per_epoch = math.ceil(len(train.rows) / batch_size)
+        # A DPO row is a pair: two padded sequences through the model (twice: policy and reference).
+        per_row = 2 if spec.dpo is not None else 1
         return cls(
             spec=spec,
             n_rows=len(train.rows),
@@ -117,24 +119,29 @@ class TrainingPlan:
             learning_rate=resolve_learning_rate(spec),
             steps_per_epoch=steps_per_epoch,
             total_steps=spec.max_steps or n_epochs * steps_per_epoch,
-            token_budget=CUDA_TOKEN_BUDGET if cuda else CPU_TOKEN_BUDGET,
-            eval_token_budget=CUDA_TOKEN_BUDGET if cuda else CPU_EVAL_TOKEN_BUDGET,
+            token_budget=(CUDA_TOKEN_BUDGET if cuda else CPU_TOKEN_BUDGET) // per_row,
+            eval_token_budget=(CUDA_TOKEN_BUDGET if cuda else CPU_EVAL_TOKEN_BUDGET) // per_row,
         )
+
+    @property
+    def packing(self) -> bool:
+        """DPO sums log-probabilities per sequence, over padded rows: its pairs are never packed."""
+        return self.spec.packing and self.spec.dpo is None
 
     def learning_rate_at(self, step: int) -> float:
         return self.learning_rate * lr_factor(step, self.total_steps, self.spec.warmup_ratio, self.spec.lr_scheduler)
 
     def train_micro_batches(self, rows: Sequence[dict]) -> list[list[list[dict]]]:
-        spec = self.spec
-        return micro_batches(rows, spec.packing, spec.max_seq_len, self.accumulation, self.token_budget)
+        return micro_batches(rows, self.packing, self.spec.max_seq_len, self.accumulation, self.token_budget)
 
     def eval_micro_batches(self, rows: Sequence[dict]) -> list[list[list[dict]]]:
-        return micro_batches(rows, self.spec.packing, self.spec.max_seq_len, None, self.eval_token_budget)
+        return micro_batches(rows, self.packing, self.spec.max_seq_len, None, self.eval_token_budget)
 
     def largest_micro_batch_tokens(self) -> int:
+        per_row = 2 if self.spec.dpo is not None else 1
         if self.accumulation:
-            return math.ceil(self.batch_size / self.accumulation) * self.spec.max_seq_len
-        return min(self.token_budget, self.batch_size * self.spec.max_seq_len)
+            return math.ceil(self.batch_size / self.accumulation) * self.spec.max_seq_len * per_row
+        return min(self.token_budget, self.batch_size * self.spec.max_seq_len) * per_row
 
     def is_checkpoint(self, step: int, epoch: int, epoch_end: bool) -> bool:
         """Every save_every_steps, at the end of every epoch_checkpoint_every-th epoch, and at the last step."""

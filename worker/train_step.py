@@ -99,6 +99,14 @@ class Trainer:
             total_positions += n_positions
         return total_loss, total_correct, step_targets, total_real, total_positions
 
+    def take_sums(self) -> dict:
+        """Sums of the steps since the last call that the loop adds to its own (DPO's rewards; none here)."""
+        return {}
+
+    def train_metrics(self, acc: dict) -> dict:
+        """The metrics of the logged steps besides the loss, from the loop's sums."""
+        return {"train_mean_token_accuracy": round(acc["correct"] / acc["targets"], 6)}
+
     def ask_stop(self) -> bool:
         self._last_poll = time.monotonic()
         return bool(self.hooks.should_stop())
@@ -107,8 +115,8 @@ class Trainer:
         if time.monotonic() - self._last_poll >= STOP_POLL_SECONDS and self.ask_stop():
             raise Stopped
 
-    def evaluate(self, micro: list[list[list[dict]]]) -> tuple[float, float]:
-        """(mean token loss, token accuracy); raises Stopped if a stop is asked meanwhile."""
+    def evaluate(self, micro: list[list[list[dict]]]) -> tuple[float, dict]:
+        """(mean token loss, {"mean_token_accuracy": ...}); raises Stopped if a stop is asked meanwhile."""
         import torch
 
         self.model.eval()
@@ -124,4 +132,4 @@ class Trainer:
                     targets += sum(n_targets(b) for b in bins)
         finally:
             self.model.train()
-        return loss / targets, correct / targets
+        return loss / targets, {"mean_token_accuracy": round(correct / targets, 6)}

@@ -19,7 +19,7 @@ class FileObject(BaseModel):
     status_details: str | None = None
     expires_at: int | None = None
     sha256: str = Field(description="Grove extension: sha256 of the content, also sent as the ETag.")
-    format: str | None = Field(None, description="Grove extension: chat, prompt_completion or fields.")
+    format: str | None = Field(None, description="Grove extension: chat, prompt_completion, preference or fields.")
     n_examples: int | None = Field(None, description="Grove extension: examples in a dataset.")
     fields: list[str] | None = Field(None, description="Grove extension: keys present on every line.")
 

@@ -108,7 +108,7 @@ class FineTuningJobObject(_SHOWN_OPTIONS):
             fine_tuned_model=job.fine_tuned_model,
             finished_at=unix(job.finished_at),
             hyperparameters=openai_hyperparameters,
-            method={"type": "supervised", "supervised": {"hyperparameters": openai_hyperparameters}},
+            method=_method(spec, openai_hyperparameters),
             resolved_training={k: v for k, v in job.hyperparameters.items() if k not in OPENAI_HYPERPARAMETERS} or None,
             model=job.model,
             organization_id=job.project_id,
@@ -131,6 +131,14 @@ class FineTuningJobObject(_SHOWN_OPTIONS):
             result=job.result,
             **_options(spec),
         )
+
+
+def _method(spec: dict, hyperparameters: dict) -> dict:
+    """OpenAI's method object: its type, and the hyperparameters under the type's name (dpo's with beta)."""
+    dpo = spec.get("dpo")
+    if dpo is None:
+        return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+    return {"type": "dpo", "dpo": {"hyperparameters": {**hyperparameters, "beta": dpo["beta"]}}}
 
 
 def _options(spec: dict) -> dict:

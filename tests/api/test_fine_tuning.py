@@ -96,7 +96,8 @@ def test_text_template_is_checked_against_the_file(client, auth, fields_file, tr
         ),
         ({"learning_rate": -1}, "learning_rate"),
         ({"trust_remote_code": True}, "trust_remote_code"),
-        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"method": {"type": "dpo"}}, "training_file"),  # prompt/completion data: a dpo job needs preference pairs
+        ({"method": {"type": "reinforcement"}}, "method.type"),
     ],
 )
 def test_bad_job_specs_name_the_field(client, auth, training_file, body, param):

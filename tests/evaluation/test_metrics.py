@@ -150,6 +150,15 @@ def test_items_of_each_shape(tmp_path):
     [item] = read_items(pc, EvaluationSettings())
     assert (item.prompt, item.reference) == ("2+2=", "4")
 
+    # A DPO pair is scored as the conversation ending in its preferred reply.
+    pair = {
+        "input": {"messages": [{"role": "user", "content": "i am glad"}]},
+        "preferred_output": [{"role": "assistant", "content": "joy"}],
+        "non_preferred_output": [{"role": "assistant", "content": "fear"}],
+    }
+    [item] = read_items(write_jsonl(tmp_path / "d.jsonl", [pair]), EvaluationSettings())
+    assert item.messages == [{"role": "user", "content": "i am glad"}] and item.reference == item.label == "joy"
+
 
 def test_unscorable_data_is_refused_naming_the_line(tmp_path):
     ends_with_user = write_jsonl(
