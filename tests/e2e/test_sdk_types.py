@@ -22,7 +22,7 @@ from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from openai.types.uploads import UploadPart
 
 from tests.api.test_checkpoint_permissions import project_id_of
-from tests.conftest import emotion_rows, write_jsonl
+from tests.conftest import emotion_rows, preference_rows, write_jsonl
 from tests.e2e.helpers import sdk, upload_emotion, wait_for
 
 JOB = {"text_template": "{text} -> {label}", "max_steps": 2, "save_every_steps": 1, "adapter": {"r": 4, "alpha": 8}}
@@ -137,6 +137,17 @@ def test_every_sdk_route_answers_what_the_sdk_types_accept_in_strict_mode(live, 
     # Resumed, it was queued again or just claimed: cancelled at once, or cancelling (shown running) until it stops.
     assert (cancelled["status"], cancelled["status_detail"]) in {("cancelled", "cancelled"), ("running", "cancelling")}
 
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(12))
+    [preference] = reader.check(
+        "post", "/v1/files", FileObject, files={"file": pairs.open("rb")}, data={"purpose": "fine-tune"}
+    )
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 4}}}
+    dpo_job = {"model": "tiny-llama-test", "training_file": preference["id"], "method": dpo, "max_steps": 2}
+    [preferring] = reader.check("post", "/v1/fine_tuning/jobs", FineTuningJob, json=dpo_job)
+    assert wait_for(client, preferring["id"]).status == "succeeded"
+    [preferred] = reader.check("get", "/v1/fine_tuning/jobs/{job_id}", FineTuningJob, path={"job_id": preferring["id"]})
+    assert preferred["method"]["type"] == "dpo" and preferred["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
+
     reader.check("get", "/v1/models", Model, paged=True)
     reader.check("get", "/v1/models/{model_id}", Model, path={"model_id": "tiny-llama-test"})
 
@@ -166,4 +177,4 @@ def test_every_sdk_route_answers_what_the_sdk_types_accept_in_strict_mode(live, 
         "delete", permissions + "/{permission_id}", PermissionDeleteResponse,
         path=checkpoint | {"permission_id": granted["id"]},
     )  # fmt: skip
-    assert len(reader.checked) == 22
+    assert len(reader.checked) == 25
