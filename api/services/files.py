@@ -17,7 +17,7 @@ from models.job import Job
 from models.job_status import TERMINAL
 from models.project import Project
 from models.results import add_stored_file
-from models.storage import delete_after_commit, get_storage
+from models.storage import StagedBlob, delete_after_commit, get_storage
 
 UPLOAD_PURPOSES = {"fine-tune"}
 
@@ -39,6 +39,23 @@ def check_purpose(purpose: str) -> None:
 UPLOAD_FIELDS = {"purpose": check_purpose}
 
 
+def validated_file(project: Project, staged: StagedBlob, filename: str, purpose: str) -> File:
+    """The File row of a staged dataset, once it has passed validation (line-numbered 400s otherwise); shared
+    by the single upload here and a completed multi-part upload (api/services/uploads.py)."""
+    summary: DatasetSummary = validate_jsonl(staged.temp_path, get_settings().min_examples)
+    return File(
+        id=new_id("file"),
+        project_id=project.id,
+        filename=filename,
+        purpose=purpose,
+        bytes=staged.bytes,
+        sha256=staged.sha256,
+        data_format=summary.format,
+        n_examples=summary.n_examples,
+        fields=summary.fields,
+    )
+
+
 def upload(session: Session, project: Project, form: UploadForm, idempotency_key: str | None = None) -> File:
     """Stage the form's file as it arrives, then validate and store it. The session is first used once the
     body is in: a slow client never holds a database connection."""
@@ -54,18 +71,7 @@ def upload(session: Session, project: Project, form: UploadForm, idempotency_key
         if claim.existing_id is not None:
             storage.discard(staged)
             return get(session, project, claim.existing_id)
-        summary: DatasetSummary = validate_jsonl(staged.temp_path, settings.min_examples)
-        file = File(
-            id=new_id("file"),
-            project_id=project.id,
-            filename=name,
-            purpose=purpose,
-            bytes=staged.bytes,
-            sha256=staged.sha256,
-            data_format=summary.format,
-            n_examples=summary.n_examples,
-            fields=summary.fields,
-        )
+        file = validated_file(project, staged, name, purpose)
     except BaseException:
         storage.discard(staged)
         raise

@@ -25,11 +25,10 @@ from sqlalchemy.orm import Session
 
 from api.schemas.uploads import CompleteUpload, CreateUpload
 from api.services import idempotency
-from api.services.files import check_purpose, clean_filename
+from api.services.files import check_purpose, clean_filename, validated_file
 from api.upload_form import UploadForm
 from models.base import utcnow
 from models.config import get_settings
-from models.datasets import validate_jsonl
 from models.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from models.file import File
 from models.ids import new_id
@@ -214,7 +213,6 @@ def _assemble(parts: list[UploadPart]) -> tuple[StagedBlob, str]:
 
 
 def complete(session: Session, project: Project, upload_id: str, body: CompleteUpload) -> Upload:
-    settings = get_settings()
     storage = get_storage()
     upload = get(session, project, upload_id, lock=True)
     _check_pending(upload, "be completed")
@@ -223,18 +221,7 @@ def complete(session: Session, project: Project, upload_id: str, body: CompleteU
     try:
         if body.md5 is not None and body.md5.strip().lower() != md5:
             raise InvalidRequest(f"md5: the parts' md5 is {md5}, not {body.md5[:64]!r}.", param="md5")
-        summary = validate_jsonl(staged.temp_path, settings.min_examples)
-        file = File(
-            id=new_id("file"),
-            project_id=project.id,
-            filename=upload.filename,
-            purpose=upload.purpose,
-            bytes=staged.bytes,
-            sha256=staged.sha256,
-            data_format=summary.format,
-            n_examples=summary.n_examples,
-            fields=summary.fields,
-        )
+        file = validated_file(project, staged, upload.filename, upload.purpose)
     except BaseException:
         storage.discard(staged)
         raise
