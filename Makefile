@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-load-ab bench-export bench-eval bench-reference bench-ecosystem bench-sweep bench-train bench-dpo bench-limits bench-polling gpu-check chaos fuzz clean
+.PHONY: install migrate models test-models run test lint format bench bench-walkthrough bench-pagination bench-load bench-load-ab bench-export bench-eval bench-reference bench-ecosystem bench-sweep bench-train bench-dpo bench-limits bench-polling bench-precision gpu-check chaos fuzz clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -63,6 +63,10 @@ bench-train: install models
 # DPO: SFT on 2,000 emotion rows, then DPO from that adapter with Grove and with TRL's DPOTrainer on the same
 # pairs; reward and label accuracy before and after; writes the DPO section of docs/BENCHMARKS.md. Long on a
 # CPU (fp32 there; a smoke run: BENCH_ARGS="--model tiny-llama-test --rows 16 --no-write").
+# What mixed_precision auto measures on this CPU (bf16 against fp32 matmuls at a model's shapes) and what it picks.
+bench-precision: install
+	$(PY) bench/precision_probe.py --model $(or $(MODEL),smollm2-135m-instruct)
+
 bench-dpo: install models
 	flock /tmp/grove-heavy.lock $(PY) bench/dpo_bench.py $(BENCH_ARGS)
 
