@@ -71,7 +71,7 @@ def _unpack(archive: Path, staged: Path) -> None:
         unpack_tar(archive, staged)
     except ArchiveRefused as error:
         raise InvalidRequest(
-            f"The archive was refused: {getattr(error, 'reason', None) or error} ({error}).",
+            f"The archive was refused: {error}.",
             param="file",
             code="unsafe_archive",
         ) from None
@@ -123,7 +123,7 @@ def _download(repo_id: str, staged: Path) -> None:
 
 def stage(source: str, staged: Path) -> str:
     """Put the source's model files into `staged`; return how the manifest records the source."""
-    looks_local = os.sep in source or source.startswith(".") or Path(source).exists()
+    looks_local = source.startswith(("/", ".", "~")) or Path(source).exists()
     if REPO_ID.match(source) and not looks_local:
         _download(source, staged)
         return f"hf:{source}"
