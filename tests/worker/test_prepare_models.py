@@ -138,7 +138,8 @@ def test_gemma3_completes_text(model_store: Path):
     assert 260_000_000 < info["parameters"] < 270_000_000
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     turn = [{"role": "user", "content": "hi"}]
-    assert tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    assert chat == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     inputs = tokenizer("Question: What is 2+2?\nAnswer:", return_tensors="pt")
     with torch.no_grad():
