@@ -3,8 +3,9 @@
 An upload is streamed to GROVE_MODEL_IMPORT_DIR (held to GROVE_MAX_MODEL_UPLOAD_BYTES, api/upload_form.py),
 then imported by `python -m worker.model_import` in a child process: the checks and the atomic publish are
 models/model_import.py's, a GGUF file's dequantization is worker.prepare_models' (torch stays out of the API
-process). The request waits for it: seconds for a safetensors archive, about a minute for a 135M GGUF on two
-cores (docs/BENCHMARKS.md), at most GROVE_MODEL_IMPORT_TIMEOUT_SECONDS.
+process). The request waits for it: seconds for an archive of tiny-llama-test, minutes for a GGUF file (the same
+dequantization took 592 s for Gemma 3 270M on two busy cores, docs/BENCHMARKS.md), at most
+GROVE_MODEL_IMPORT_TIMEOUT_SECONDS; a client must allow for that.
 """
 
 from __future__ import annotations
