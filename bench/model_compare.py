@@ -4,7 +4,8 @@ Grove jobs through the HTTP API of a freshly started API + worker (SQLite): the 
 ../shared/data/emotion/train.jsonl, "Text: {text}\\nEmotion:<|completion|> {label}", LoRA r=16, alpha=32 on
 q/k/v/o, batch 8, max_seq_len 128, lr 5e-4, bf16, MAX_STEPS steps, seed 42. The models alternate (A, B, A, B, ...),
 so that whatever else runs on the machine weighs on both alike. Reported per job: the engine's tokens/s (the
-mean of its metrics events), trained tokens over the job's wall time, and the first and last training loss.
+mean of its metrics events), trained tokens over the job's wall time, and the first and last training loss. (Peak
+memory is not reported: the worker's peak carries over from one job to the next.)
 
 Usage: python bench/model_compare.py [--models gemma3-270m,smollm2-135m-instruct] [--rounds 2] [--rows 200]
        [--steps 20]
@@ -88,7 +89,6 @@ def run_job(http, model: str, training_file: str, steps: int) -> dict:
         "wall": wall,
         "first_loss": metrics[0].get("train_loss"),
         "last_loss": metrics[-1].get("train_loss"),
-        "peak_mb": max(m.get("peak_memory_mb", 0) for m in metrics),
     }
 
 
@@ -132,14 +132,14 @@ def main() -> None:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-    print("| model | engine tokens/s (each job) | trained tokens / job wall | train loss, first → last | peak MB |")
-    print("|---|---|---|---|---|")
+    print("| model | engine tokens/s (each job) | trained tokens / job wall | train loss, first → last |")
+    print("|---|---|---|---|")
     for model in args.models.split(","):
         mine = [r for r in results if r["model"] == model]
         engine = " / ".join(f"{r['engine_tps']:.0f}" for r in mine)
         job = " / ".join(f"{r['job_tps']:.0f} ({r['wall']:.0f} s)" for r in mine)
         loss = " / ".join(f"{r['first_loss']:.2f} → {r['last_loss']:.2f}" for r in mine)
-        print(f"| {model} | {engine} | {job} | {loss} | {max(r['peak_mb'] for r in mine):.0f} |")
+        print(f"| {model} | {engine} | {job} | {loss} |")
     sys.stdout.flush()
 
 
