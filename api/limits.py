@@ -1,8 +1,9 @@
 """Request limits enforced around a route: the size of a JSON body, and rate limits; and the closing of an
 upload's connection when it is answered before its body was read.
 
-- Uploads (`POST /v1/files`, and an upload's parts, `POST /v1/uploads/{id}/parts`) are held to
-  GROVE_MAX_UPLOAD_BYTES (a part: GROVE_MAX_UPLOAD_PART_BYTES) by the route itself, after the key is checked
+- Uploads (`POST /v1/files`, an upload's parts, `POST /v1/uploads/{id}/parts`, and a base model's archive,
+  `POST /v1/models`) are held to GROVE_MAX_UPLOAD_BYTES (a part: GROVE_MAX_UPLOAD_PART_BYTES; a model:
+  GROVE_MAX_MODEL_UPLOAD_BYTES) by the route itself, after the key is checked
   and as the bytes arrive (api/upload_form.py). An upload answered before its body was read in full (401,
   403, 413, 400) gets `Connection: close` (`CloseUnreadUploads`): the server then stops reading, where it
   would otherwise go on receiving, and discarding, all that the client still sends.
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # The routes that read their multipart body themselves, held to the upload limits rather than the JSON one.
-UPLOAD_PATHS = re.compile(r"^/v1/(files|uploads/[^/]+/parts)$")
+UPLOAD_PATHS = re.compile(r"^/v1/(files|uploads/[^/]+/parts|models)$")
 VERIFIED_KEY_SECONDS = 60.0
 
 

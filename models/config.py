@@ -31,6 +31,22 @@ class Settings(BaseSettings):
     storage_dir: Path = Field(Path("var/storage"), description="Uploaded files and published artifacts.")
     model_store_dir: Path = Field(Path("var/models"), description="Base models, one directory per name.")
     work_dir: Path = Field(Path("var/work"), description="Worker scratch space (checkpoints, temp output).")
+    model_import_dir: Path = Field(
+        Path("var/import"),
+        description="The only place `grove models import` reads a local SOURCE from (a Hugging Face directory, a "
+        "GGUF file or a tar archive; symlinks resolved): a path outside it is refused. Uploads to POST /v1/models "
+        "are staged here too.",
+    )
+    max_model_upload_bytes: int = Field(
+        4 * 1024 * 1024 * 1024,
+        ge=1,
+        description="Largest archive or GGUF file POST /v1/models accepts; larger gets 413.",
+    )
+    model_import_timeout_seconds: float = Field(
+        1800.0,
+        gt=0,
+        description="Longest POST /v1/models may take to check (and, for a GGUF file, dequantize) a model.",
+    )
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload; larger gets 413.")
     max_upload_part_bytes: int = Field(
         64 * 1024 * 1024,
@@ -216,7 +232,7 @@ class Settings(BaseSettings):
     # Relative paths (the embedded defaults) are resolved once, against the directory the process starts in. A
     # relative path handed on would mean something else to any code that runs elsewhere: the export's model builder
     # runs in its scratch directory, and an adapter's recorded base model path is read there (issue 17).
-    @field_validator("storage_dir", "model_store_dir", "work_dir", mode="after")
+    @field_validator("storage_dir", "model_store_dir", "work_dir", "model_import_dir", mode="after")
     @classmethod
     def _absolute_directory(cls, value: Path) -> Path:
         return value.expanduser().resolve()

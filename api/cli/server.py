@@ -1,4 +1,5 @@
-"""`grove models list` (the base models the server can fine-tune) and `grove configure` (which server, which key)."""
+"""`grove models list` (the base models the server can fine-tune), `grove models import` (operator: adds one to the
+local model store) and `grove configure` (which server, which key)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,39 @@ def models_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             f"{params / 1e6:.1f}M" if params else "-",
         )
     console().print(table)
+
+
+@models.command("import")
+def models_import(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A Hugging Face model directory, a .gguf file or a .tar/.tar.gz archive inside GROVE_MODEL_IMPORT_DIR "
+            "(var/import), or a Hugging Face repository id (owner/name; only where the hub is reachable)."
+        ),
+    ],
+    name: Annotated[str, typer.Option(help="The new model's id (a-z, 0-9, '.', '_', '-').")],
+    description: Annotated[str, typer.Option(help="Shown in `grove models list --json`.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a base model into this machine's model store (operator: no server involved). It is checked
+    (safetensors only, a supported architecture, a tokenizer, no shipped code unless allowlisted) and appears
+    whole or not at all."""
+    from models.errors import GroveError
+    from worker.model_import import import_model
+
+    try:
+        info = import_model(source, name, description)
+    except GroveError as exc:
+        typer.echo(f"Error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        print_json(info)
+        return
+    typer.echo(
+        f"imported {info['name']}: {info['architecture']}, {info['parameters'] / 1e6:.1f}M parameters, "
+        f"context {info['context_length']}, max LoRA rank {info['max_lora_rank']}"
+    )
 
 
 def configure(

@@ -51,8 +51,8 @@ PATH_PARAMS = {
     "fine_tuned_model_checkpoint": "checkpoint_name",
     "permission_id": "permission",
 }
-# Path parameters of admin routes (keys belong to no tenant; only admin keys reach them).
-ADMIN_PATH_PARAMS = {"key_id"}
+# Path parameters of admin routes (keys and base models belong to no tenant; only admin keys change them).
+ADMIN_PATH_PARAMS = {"key_id", "model_id"}
 # Tenant collection routes that list: the kinds of the owner's objects each must show the owner.
 LISTS = {
     "/v1/files": ["file", "training_file"],
@@ -433,11 +433,16 @@ def test_admin_keys_get_403_on_every_tenant_route(owner, app):
 
 def test_project_keys_get_403_on_every_admin_route(owner, app):
     admin_routes = [r for r in app_routes(app) if r.auth == "admin"]
-    assert {(r.method, r.path) for r in admin_routes} >= {("POST", "/v1/admin/keys"), ("GET", "/v1/admin/keys")}
+    assert {(r.method, r.path) for r in admin_routes} >= {
+        ("POST", "/v1/admin/keys"),
+        ("GET", "/v1/admin/keys"),
+        ("POST", "/v1/models"),
+        ("DELETE", "/v1/models/{model_id}"),
+    }
     keys = owner.get("/v1/admin/keys?limit=1", owner.admin).json()["data"]
     body_of = bodies(owner.ids)
     for route in admin_routes:
-        path = route.path.format(key_id=keys[0]["id"])
+        path = route.path.format(key_id=keys[0]["id"], model_id="tiny-llama-test")
         for headers in (owner.auth, owner.other):
             response = _call(owner.client, route.method, path, headers, body_of.get((route.method, route.path)))
             assert response.status_code == 403, (route.method, path, response.text)

@@ -123,3 +123,25 @@ def test_smollm2_answers_paris(model_store: Path):
     assert info["context_length"] == 8192
     assert 130_000_000 < info["parameters"] < 140_000_000
     assert "Paris" in prepare_models.check_generation(path)
+
+
+@pytest.mark.slow
+def test_gemma3_completes_text(model_store: Path):
+    """The Gemma 3 270M GGUF (a base model: plain text completion, no instruction following) loads with its own
+    architecture, tokenizer and Gemma's turn format, and completes text sensibly."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ensure_model(model_store, "gemma3-270m")
+    info = read_model_info(path)
+    assert (info["architecture"], info["context_length"], info["max_lora_rank"]) == ("Gemma3ForCausalLM", 32768, 64)
+    assert 260_000_000 < info["parameters"] < 270_000_000
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    turn = [{"role": "user", "content": "hi"}]
+    chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    assert chat == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    inputs = tokenizer("Question: What is 2+2?\nAnswer:", return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert tokenizer.decode(output[0, inputs["input_ids"].shape[1] :]).startswith(" 2+2=4")
