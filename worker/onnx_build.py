@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.export_spec import LORA_MODULES
+from jobs.export_spec import FUSED_LORA_MODULES, LORA_MODULES
 from models.model_store import load_options
 
 # Files of a Hugging Face model directory that are not weights: carried over to a merged copy.
@@ -48,8 +48,11 @@ class BuildResult:
 def lora_node_names(num_layers: int, target_modules: list[str]) -> list[str]:
     """Names of the builder's LoRA MatMul nodes for these modules (to keep them out of quantization)."""
     names = []
+    modules = set()
+    for module in {m.rsplit(".", 1)[-1] for m in target_modules}:
+        modules.update(FUSED_LORA_MODULES.get(module, (module,)))
     for layer in range(num_layers):
-        for module in sorted({m.rsplit(".", 1)[-1] for m in target_modules}):
+        for module in sorted(modules):
             block = LORA_MODULES.get(module)
             if block is None:
                 continue
