@@ -1,6 +1,7 @@
 """Building ONNX models with the onnxruntime-genai model builder, run as a subprocess.
 
     python -m onnxruntime_genai.models.builder -i DIR -o OUT -p PREC -e EP -c CACHE
+        (through worker/onnx_builder_compat.py, which makes transformers 5 configs readable to it)
         --extra_options hf_token=false [adapter_path=ADAPTER nodes_to_exclude=...] [block_size=..]
         [algo_config=k_quant] [matmul_mixed_precision=mixed_layers:int8]
 
@@ -103,7 +104,7 @@ def build(
     command = [
         sys.executable,
         "-m",
-        "onnxruntime_genai.models.builder",
+        "worker.onnx_builder_compat",  # the builder, reading transformers 5 configs it predates
         "-i",
         str(input_dir),
         "-o",

@@ -319,8 +319,13 @@ def ensure_model(store: Path, name: str) -> Path:
     return dest
 
 
+# What a plain run prepares: the served model and the Llama test model. The other families' test models are
+# prepared by name (`make test-models`).
+DEFAULT_MODELS = ["smollm2-135m-instruct", "tiny-llama-test"]
+
+
 def prepare_all(store: Path, names: list[str] | None = None) -> list[Path]:
-    return [ensure_model(store, name) for name in (names or list(MODELS))]
+    return [ensure_model(store, name) for name in (names or DEFAULT_MODELS)]
 
 
 def check_generation(model_dir: Path, question: str = "What is the capital of France?", max_new_tokens: int = 20):
@@ -351,11 +356,17 @@ def default_store() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.prepare_models", description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=None, help="model store directory (default: settings)")
-    parser.add_argument("--only", nargs="+", choices=sorted(MODELS), metavar="NAME", help="models to prepare")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(MODELS),
+        metavar="NAME",
+        help=f"models to prepare (default: {' '.join(DEFAULT_MODELS)})",
+    )
     parser.add_argument("--check", action="store_true", help="ask each model a question, greedily")
     args = parser.parse_args(argv)
     store = args.store or default_store()
-    for name in args.only or list(MODELS):
+    for name in args.only or DEFAULT_MODELS:
         started = time.monotonic()
         was_ready = is_ready(store, name)
         path = ensure_model(store, name)
