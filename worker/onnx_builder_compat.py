@@ -30,7 +30,10 @@ def readable_config(config):
 
 
 def _patch_builder() -> None:
-    from onnxruntime_genai.models.builders import base
+    import onnxruntime_genai.models  # noqa: F401  (puts its directory on sys.path, as the builder expects)
+
+    # builder.py imports its model classes as the top-level package `builders`, not through onnxruntime_genai.
+    from builders import base
 
     original = base.Model.__init__
 

@@ -117,3 +117,15 @@ def test_every_family_exports_dora_merged_and_refuses_it_elsewhere(client, auth,
     assert job["status"] == "succeeded", job["error"]
     refused = create_export(client, auth, source={"adapters": adapters}, adapter_mode="multi", precision="fp32")
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "source.adapters[0].fine_tuning_job"
+
+
+def test_the_builder_reads_gemma3_rope_parameters_per_layer_type():
+    from transformers import AutoConfig
+
+    from worker.onnx_builder_compat import readable_config
+
+    config = AutoConfig.from_pretrained(str(ensure_model(MODEL_STORE, "tiny-gemma3-test")), local_files_only=True)
+    assert set(config.rope_parameters) == {"full_attention", "sliding_attention"}  # transformers 5's layout
+    readable_config(config)
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1_000_000.0}
+    assert config.rope_local_base_freq == 10_000.0
