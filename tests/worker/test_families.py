@@ -1,7 +1,6 @@
 """Every decoder family's tiny test model (worker/prepare_models.py) trains with every method, in-process.
 
-LoRA runs per family in the default suite; DoRA, full and QLoRA per family are slow tests (-m slow): each
-cell costs a model load and two optimizer steps, and the default suite keeps one representative per family.
+Two optimizer steps per family and method (QLoRA through bitsandbytes' CPU 4-bit path): about a second each.
 """
 
 from __future__ import annotations
@@ -22,12 +21,7 @@ from worker.train import train_adapter
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
 FAMILIES = sorted(TINY_FAMILIES)
-METHODS = [
-    "lora",
-    pytest.param("dora", marks=pytest.mark.slow),
-    pytest.param("full", marks=pytest.mark.slow),
-    pytest.param("qlora", marks=pytest.mark.slow),
-]
+METHODS = ["lora", "dora", "full", "qlora"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -66,4 +60,4 @@ def test_every_method_trains(family_dir: Path, method: str, tmp_path: Path):
     lora_b = [value for name, value in weights.items() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(value) > 0 for value in lora_b)
     if TINY_FAMILIES[family_dir.name][1] == "Phi3ForCausalLM":  # the fused projections are adapted as they are
-        assert {"qkv_proj", "gate_up_proj"} <= set(config["target_modules"])
+        assert {"qkv_proj", "gate_up_proj"} <= {m.rsplit(".", 1)[-1] for m in config["target_modules"]}
