@@ -99,14 +99,22 @@ def test_a_model_the_builder_cannot_build_is_refused_at_creation(client, auth):
         shutil.rmtree(directory)
 
 
+# int4 on random weights: their near-tied logits flip greedy choices under int4 noise far below the default
+# limit on the logit difference (a multi package's base check, which no trained adapter sharpens, matched 48% of
+# tokens on tiny-gemma3-test at a small fraction of it). The gate asks here for a logit difference an eighth of
+# the default's and a lower token share; fp32 keeps its defaults (every token, 0.01).
+RANDOM_WEIGHTS_INT4_GATE = {"min_token_match": 0.25, "max_mean_abs_logit_diff": 0.5}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["int4", "fp32"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_in_every_mode(client, auth, family, precision):
     job_id = fine_tune(client, auth, family, {"r": 4, "alpha": 8})
+    gate = RANDOM_WEIGHTS_INT4_GATE if precision == "int4" else {}
     for mode in ("merged", "separate", "multi"):
         adapters = [{"fine_tuning_job": job_id, "name": "a"}]
-        job = export(client, auth, source={"adapters": adapters}, adapter_mode=mode, precision=precision)
+        job = export(client, auth, source={"adapters": adapters}, adapter_mode=mode, precision=precision, gate=gate)
         assert job["status"] == "succeeded", (mode, job["error"])
         assert all(c["passed"] for c in job["result"]["gate"]["checks"]), (mode, job["result"]["gate"])
 

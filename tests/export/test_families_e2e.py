@@ -1,7 +1,7 @@
 """Every decoder family end to end against the real API and worker processes (PostgreSQL + Redis).
 
 Per family: a LoRA fine-tune of its tiny test model, exported as a merged int4 package and as a multi-adapter
-int4 package (both through the parity gate), then one evaluation job scoring the adapter on PyTorch and in both
+fp32 package (both through the parity gate), then one evaluation job scoring the adapter on PyTorch and in both
 ONNX packages. About a minute per family on two cores, so a slow test (-m slow); the default suite keeps
 tests/worker/test_families.py (every family trains) and tests/export/test_families.py (Phi-3's fused LoRA in
 a multi package) as each family's representative.
@@ -29,7 +29,7 @@ def test_family_fine_tune_export_evaluate(live, tmp_path, family):
     client = sdk(live.base_url, key)
     with write_jsonl(tmp_path / "train.jsonl", emotion_rows(16)).open("rb") as f:
         training = client.files.create(file=f, purpose="fine-tune").id
-    with write_jsonl(tmp_path / "val.jsonl", emotion_rows(6, offset=7000)).open("rb") as f:
+    with write_jsonl(tmp_path / "val.jsonl", emotion_rows(10, offset=7000)).open("rb") as f:
         validation = client.files.create(file=f, purpose="fine-tune").id
     job = client.fine_tuning.jobs.create(
         model=family,
@@ -41,14 +41,18 @@ def test_family_fine_tune_export_evaluate(live, tmp_path, family):
     assert job.status == "succeeded", (job.error, live.log("worker.log"))
 
     exports = {}
-    for mode in ("merged", "multi"):
+    # merged int4 under the default int4 gate; multi in fp32, where the gate asks for every token and logits
+    # within 0.01 of PyTorch's (with and without the adapter). An int4 multi package's base check has no trained
+    # adapter to make the random weights' logits decisive: their near-ties flip under int4 noise (Gemma 3 matched
+    # 48% of greedy tokens at a mean |logit diff| far under the int4 limit), so it is the slow matrix's.
+    for mode, precision in (("merged", "int4"), ("multi", "fp32")):
         created = httpx.post(
             f"{live.base_url}/v1/exports",
             headers=headers,
             json={
                 "source": {"adapters": [{"fine_tuning_job": job.id, "name": "ft"}]},
                 "adapter_mode": mode,
-                "precision": "int4",
+                "precision": precision,
             },
         )
         assert created.status_code == 200, created.text
@@ -76,8 +80,9 @@ def test_family_fine_tune_export_evaluate(live, tmp_path, family):
     assert evaluation["status"] == "succeeded", (evaluation["error"], live.log("worker.log"))
     summary = evaluation["result"]["summary"]
     assert list(summary) == ["pt", "onnx-merged", "onnx-multi"]
-    # int4 base weights: the ONNX losses stay near PyTorch's fp32 one (the gate bounds the logits the same way).
-    for name in ("onnx-merged", "onnx-multi"):
-        assert abs(summary[name]["loss"] - summary["pt"]["loss"]) < 0.5, summary
+    # The fp32 package's adapter, activated by name, scores as PyTorch does; int4 weights stay near it.
+    assert abs(summary["onnx-multi"]["loss"] - summary["pt"]["loss"]) < 1e-3, summary
+    assert summary["onnx-multi"]["exact_match"] == summary["pt"]["exact_match"], summary
+    assert abs(summary["onnx-merged"]["loss"] - summary["pt"]["loss"]) < 0.5, summary
     report = httpx.get(f"{live.base_url}/v1/evaluations/{evaluation['id']}/report", headers=headers).json()
     assert [t["backend"] for t in report["targets"]] == ["pytorch", "onnxruntime-genai", "onnxruntime-genai"]
