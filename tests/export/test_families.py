@@ -95,6 +95,21 @@ def test_a_model_the_builder_cannot_build_is_refused_at_creation(client, auth):
         error = response.json()["error"]
         assert error["param"] == "source.model" and error["code"] == "unsupported_model"
         assert "GPT2LMHeadModel" in error["message"] and "builder cannot export" in error["message"]
+        # A fine-tune that asks to be exported is refused on its model, before it trains.
+        uploaded = upload(client, auth, jsonl(emotion_rows(12))).json()["id"]
+        response = client.post(
+            "/v1/fine_tuning/jobs",
+            headers=auth,
+            json={
+                "model": name,
+                "training_file": uploaded,
+                "text_template": "{text} -> {label}",
+                "adapter": {"type": "full"},
+                "export": {"precision": "int4"},
+            },
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "model" and response.json()["error"]["code"] == "unsupported_model"
     finally:
         shutil.rmtree(directory)
 
