@@ -1,9 +1,11 @@
 """Building ONNX models with the onnxruntime-genai model builder, run as a subprocess.
 
     python -m onnxruntime_genai.models.builder -i DIR -o OUT -p PREC -e EP -c CACHE
-        (through worker/onnx_builder_compat.py, which makes transformers 5 configs readable to it)
         --extra_options hf_token=false [adapter_path=ADAPTER nodes_to_exclude=...] [block_size=..]
         [algo_config=k_quant] [matmul_mixed_precision=mixed_layers:int8]
+
+run as `python -m worker.onnx_builder_compat` with the same arguments, which makes the configs of
+transformers 5 readable to the builder (Gemma 3's per-layer-type RoPE parameters).
 
 A subprocess keeps the builder's memory and module state out of the worker and lets a cancel stop it
 at once. With `adapter_path` the builder keeps every LoRA pair as its own `.../lora_A/MatMul` and
