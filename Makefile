@@ -27,8 +27,12 @@ migrate: install
 models: install
 	$(PY) -m worker.prepare_models
 
+# One tiny random model per decoder family the ONNX builder supports (a few seconds each, one tokenizer load).
+TEST_MODELS := tiny-llama-test tiny-mistral-test tiny-qwen2-test tiny-qwen3-test tiny-phi3-test tiny-gemma-test \
+	tiny-gemma2-test tiny-gemma3-test
+
 test-models: install
-	$(PY) -m worker.prepare_models --only tiny-llama-test
+	$(PY) -m worker.prepare_models --only $(TEST_MODELS)
 
 run: install migrate models
 	PORT=$(PORT) scripts/run-embedded

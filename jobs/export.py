@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from jobs import checkpoints, lifecycle
 from jobs.export_spec import (
     ADAPTER_NAME,
+    BUILDER_ARCHITECTURES,
     GATE_DEFAULTS,
     LORA_MODULES,
     PRECISIONS_FOR_PROVIDER,
@@ -38,7 +39,7 @@ from models.file import File
 from models.job import Job
 from models.job_kind import JobKind
 from models.job_status import JobStatus
-from models.model_store import resolve_model
+from models.model_store import BaseModelInfo, resolve_model
 from models.storage import get_storage
 from models.transitions import add_event
 
@@ -75,6 +76,17 @@ def check_options(options: ExportOptions, n_adapters: int, param_prefix: str = "
         }
     )
     return options.model_copy(update={"adapter_mode": mode, "gate": gate})
+
+
+def check_architecture(base: BaseModelInfo, param: str) -> None:
+    """Refuse a base model whose architecture the onnxruntime-genai model builder has no recipe for."""
+    if base.architecture not in BUILDER_ARCHITECTURES:
+        raise InvalidRequest(
+            f"Model {base.name!r} is a {base.architecture or 'model of unknown architecture'}, which the "
+            f"onnxruntime-genai model builder cannot export (it builds {', '.join(sorted(BUILDER_ARCHITECTURES))}).",
+            param=param,
+            code="unsupported_model",
+        )
 
 
 def read_adapter_config(file: File) -> dict:
@@ -237,6 +249,7 @@ def build_spec(session: Session, project_id: str, source: ExportSource, options:
     if base_name is None:
         raise InvalidRequest("Give source.model, source.adapters, or both.", param="source.model")
     base = resolve_model(base_name, param="source.model")
+    check_architecture(base, "source.model")
     check_adapters(adapters, options.adapter_mode)
     return ExportSpec(**options.model_dump(), model=base.name, adapters=adapters)
 
@@ -273,10 +286,11 @@ def create(session: Session, project_id: str, request: CreateExport) -> Job:
     return enqueue_export(session, project_id, spec, metadata=request.metadata)
 
 
-def check_chained_export(options: ExportOptions | None, adapter) -> ExportOptions | None:
-    """The `export` section of a fine-tuning request, checked against the adapter it will export."""
+def check_chained_export(options: ExportOptions | None, adapter, base: BaseModelInfo) -> ExportOptions | None:
+    """The `export` section of a fine-tuning request, checked against the adapter and base model it will export."""
     if options is None:
         return None
+    check_architecture(base, "model")
     options = check_options(options, 1, "export.")
     if options.adapter_mode in ("separate", "multi"):
         if adapter.type == "dora":

@@ -33,7 +33,43 @@ LORA_MODULES = {
     "gate_proj": "mlp",
     "up_proj": "mlp",
     "down_proj": "mlp",
+    "qkv_proj": "attn",
+    "gate_up_proj": "mlp",
 }
+# Fused projections (Phi-3): the builder unpacks a fused LoRA layer into one LoRA pair per projection, each with
+# the fused lora_A and its own rows of lora_B, in this order (make_attention_unpacked_lora, make_mlp_unpacked_lora).
+FUSED_LORA_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+# The decoder architectures onnxruntime-genai 0.18's model builder builds (builder.py's create_model), as Grove
+# loads them (AutoModelForCausalLM). Another base model trains, but is refused at export creation.
+BUILDER_ARCHITECTURES = frozenset(
+    {
+        "Ernie4_5ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "GptOssForCausalLM",
+        "GraniteForCausalLM",
+        "GraniteMoeHybridForCausalLM",
+        "HunYuanDenseV1ForCausalLM",
+        "InternLM2ForCausalLM",
+        "Lfm2ForCausalLM",
+        "Lfm2MoeForCausalLM",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "NemotronForCausalLM",
+        "OlmoForCausalLM",
+        "PhiForCausalLM",
+        "Phi3ForCausalLM",
+        "Phi3SmallForCausalLM",
+        "PhiMoEForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "SmolLM3ForCausalLM",
+    }
+)
 # Parity gate defaults per precision: (least share of matching greedy tokens, largest mean |logit diff|).
 # Calibrated on smollm2-135m-instruct (docs/BENCHMARKS.md, Export): its k-quant int4 CPU exports (accuracy
 # level 4) match 60-92% of PyTorch's greedy tokens with a mean |logit diff| of 1.9-3.0 while losing under a

@@ -264,7 +264,7 @@ def create(session: Session, project: Project, request: CreateFineTuningJob) -> 
         "hyperparameters": request.effective_hyperparameters(),
         "adapter": adapter,
         "max_seq_len": min(FineTuneSpec.model_fields["max_seq_len"].default, base.context_length),
-        "export": check_chained_export(request.export, adapter),
+        "export": check_chained_export(request.export, adapter, base),
         "evaluation": evaluation.check_follow_up(request.evaluation, validation, request.text_template),
         "dpo": request.dpo_settings(),
     }

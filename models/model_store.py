@@ -32,6 +32,16 @@ class BaseModelInfo:
     context_length: int
     description: str
     parameters: int | None
+    architecture: str | None = None  # the Hugging Face class (config.json's architectures[0])
+
+
+def _architecture(path: Path, meta: dict) -> str | None:
+    if meta.get("architecture"):
+        return str(meta["architecture"])
+    try:
+        return (json.loads((path / "config.json").read_text()).get("architectures") or [None])[0]
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load(path: Path) -> BaseModelInfo | None:
@@ -47,6 +57,7 @@ def _load(path: Path) -> BaseModelInfo | None:
         context_length=int(meta.get("context_length", 2048)),
         description=meta.get("description", ""),
         parameters=meta.get("parameters"),
+        architecture=_architecture(path, meta),
     )
 
 

@@ -123,7 +123,7 @@ def _load_base(spec: FineTuneSpec, source: Path, device, precision: str, attn: s
     from transformers import AutoModelForCausalLM
 
     kind = spec.adapter.type
-    kwargs: dict[str, Any] = {**load_options(spec.model), "attn_implementation": attn}
+    kwargs: dict[str, Any] = {**load_options(spec.model), "attn_implementation": _supported_attention(source, attn)}
     if kind == "qlora":
         try:
             import bitsandbytes  # noqa: F401
@@ -148,6 +148,22 @@ def _load_base(spec: FineTuneSpec, source: Path, device, precision: str, attn: s
     frozen_half = kind in ("lora", "dora") and precision != "fp32"
     kwargs["dtype"] = _torch_dtype(precision) if frozen_half else torch.float32
     return AutoModelForCausalLM.from_pretrained(str(source), **kwargs).to(device)
+
+
+def _supported_attention(source: Path, attn: str) -> str:
+    """eager where the model's class has no sdpa path: Gemma 2, whose attention scores are soft-capped."""
+    import json
+
+    import transformers
+
+    if attn == "eager":
+        return attn
+    try:
+        architecture = json.loads((source / "config.json").read_text())["architectures"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return attn
+    model_class = getattr(transformers, str(architecture), None)
+    return "eager" if model_class is not None and getattr(model_class, "_supports_sdpa", True) is False else attn
 
 
 FP32_ATTENTION = "grove_sdpa_fp32"

