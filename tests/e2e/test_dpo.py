@@ -72,7 +72,8 @@ def test_supervised_then_dpo_from_its_adapter(live, tmp_path):
     assert 0.0 <= last["valid_rewards/accuracies"] <= 1.0 and last["train_loss"] > 0
 
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(done.id))
-    assert checkpoints and "full_valid_rewards/accuracies" in checkpoints[0].metrics.model_extra
+    # OpenAI's checkpoint metrics type names the supervised keys; DPO's own are beside them.
+    assert checkpoints and "full_valid_rewards/accuracies" in checkpoints[0].model_extra["training_metrics"]
     table = list(csv.DictReader(io.StringIO(client.files.content(done.result_files[1]).text)))
     assert [row["step"] for row in table] == ["2", "4"] and table[-1]["valid_rewards/accuracies"] != ""
 
