@@ -136,7 +136,9 @@ def test_cancel_propagates_to_running_and_queued_trials(live, tmp_path):
     api = Api(live, tmp_path)
     sweep = api.sweep(
         {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3}},
-        fine_tuning={"max_steps": 20000},
+        # compile off: a 20,000-step CPU run would compile its layers first (auto), tens of seconds per trial
+        # before its first step, and this test is about cancelling, not compiling.
+        fine_tuning={"max_steps": 20000, "compile": False},
         strategy="random",
         num_trials=4,
         max_parallel=2,
