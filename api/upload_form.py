@@ -264,3 +264,31 @@ class UploadForm:
 
     def _end(self) -> None:
         self._ended = True
+
+
+def multipart_request_body(title: str, file_field: str, file_title: str, file_description: str, **fields) -> dict:
+    """The OpenAPI requestBody of a route that reads its multipart body itself (UploadForm declares no Form or
+    File parameters): one file field, then the text fields given as {name: extra schema keys}."""
+    file_schema = {
+        "type": "string",
+        "contentMediaType": "application/octet-stream",
+        "title": file_title,
+        "description": file_description,
+    }
+    properties = {file_field: file_schema} | {
+        name: {"type": "string", "title": name.capitalize(), **extra} for name, extra in fields.items()
+    }
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": properties,
+                    "required": list(properties),
+                    "additionalProperties": False,
+                    "title": title,
+                }
+            }
+        },
+    }

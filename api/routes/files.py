@@ -13,7 +13,7 @@ from api.schemas.files import FileDeleted, FileObject
 from api.services import files as file_service
 from api.services import idempotency
 from api.services.pagination import ListOrder
-from api.upload_form import UploadForm, upload_limiter
+from api.upload_form import UploadForm, multipart_request_body, upload_limiter
 from models.db import session_scope
 from models.project import Project
 
@@ -22,28 +22,9 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 # The body is read by the route itself (api/upload_form.py), so it declares no Form or File parameters: the
 # request body is documented here instead.
-UPLOAD_REQUEST_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "contentMediaType": "application/octet-stream",
-                        "title": "File",
-                        "description": "JSONL dataset.",
-                    },
-                    "purpose": {"type": "string", "title": "Purpose"},
-                },
-                "required": ["file", "purpose"],
-                "additionalProperties": False,
-                "title": "Body_upload_file_v1_files_post",
-            }
-        }
-    },
-}
+UPLOAD_REQUEST_BODY = multipart_request_body(
+    "Body_upload_file_v1_files_post", "file", "File", "JSONL dataset.", purpose={}
+)
 
 
 @router.post("", response_model=FileObject, openapi_extra={"requestBody": UPLOAD_REQUEST_BODY})

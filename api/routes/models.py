@@ -9,7 +9,7 @@ from api.deps import AdminDep, AdminReadDep, ProjectDep, SessionDep
 from api.schemas.common import ListObject
 from api.schemas.models import ModelDeleted, ModelObject
 from api.services import models as model_service
-from api.upload_form import UploadForm, upload_limiter
+from api.upload_form import UploadForm, multipart_request_body, upload_limiter
 from models.config import get_settings
 from models.errors import NotFound
 from models.model_store import MODEL_NAME, list_models
@@ -17,29 +17,14 @@ from models.model_store import MODEL_NAME, list_models
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 # The body is read by the route itself (api/upload_form.py), as POST /v1/files does: documented here.
-IMPORT_REQUEST_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "contentMediaType": "application/octet-stream",
-                        "title": "File",
-                        "description": "A tar archive (.tar, .tar.gz, .tgz) of a Hugging Face model directory "
-                        "(safetensors weights, config.json, tokenizer), or a .gguf file.",
-                    },
-                    "name": {"type": "string", "title": "Name", "description": "The new model's id."},
-                },
-                "required": ["file", "name"],
-                "additionalProperties": False,
-                "title": "Body_import_base_model_v1_models_post",
-            }
-        }
-    },
-}
+IMPORT_REQUEST_BODY = multipart_request_body(
+    "Body_import_base_model_v1_models_post",
+    "file",
+    "File",
+    "A tar archive (.tar, .tar.gz, .tgz) of a Hugging Face model directory (safetensors weights, config.json, "
+    "tokenizer), or a .gguf file.",
+    name={"description": "The new model's id."},
+)
 
 
 @router.get("", response_model=ListObject[ModelObject])

@@ -11,34 +11,14 @@ from api.deps import ProjectDep, ProjectReadDep, SessionDep
 from api.schemas.uploads import CompleteUpload, CreateUpload, UploadObject, UploadPartObject
 from api.services import idempotency
 from api.services import uploads as service
-from api.upload_form import UploadForm, upload_limiter
+from api.upload_form import UploadForm, multipart_request_body, upload_limiter
 from models.db import session_scope
 from models.project import Project
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
 # The part's body is read by the route itself (api/upload_form.py): it is documented here.
-PART_REQUEST_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    service.PART_FIELD: {
-                        "type": "string",
-                        "contentMediaType": "application/octet-stream",
-                        "title": "Data",
-                        "description": "The part's bytes.",
-                    },
-                },
-                "required": [service.PART_FIELD],
-                "additionalProperties": False,
-                "title": "Body_add_upload_part",
-            }
-        }
-    },
-}
+PART_REQUEST_BODY = multipart_request_body("Body_add_upload_part", service.PART_FIELD, "Data", "The part's bytes.")
 
 
 def _key(request: Request) -> str | None:
